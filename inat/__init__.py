@@ -1,0 +1,63 @@
+"""inat: train, tune, test and explain image classifiers on folders of photos.
+
+``inat.run(cfg)`` is the only entry point ``run.py`` uses; it dispatches on ``cfg.mode.name``
+to a function ``(cfg, out_dir) -> float | None`` imported lazily, so ``import inat`` stays
+light and a mode's heavy dependencies load only when that mode runs.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+__version__ = "0.1.0"
+
+MODES = {
+    "train": "inat.train:train_mode",
+    "test": "inat.evaluate:test_mode",
+    "download": "inat.data.download:download_mode",
+    "audit": "inat.data.audit:audit_mode",
+    "info": "inat.models.info:info_mode",
+    "explain": "inat.explain:explain_mode",
+    "report": "inat.report:report_mode",
+    "sweep_report": "inat.sweep.report:sweep_report_mode",
+    "predict": "inat.predict:predict_mode",
+    "export": "inat.export:export_mode",
+    "detect": "inat.detect:detect_mode",
+}
+
+
+def output_dir() -> Path:
+    """The Hydra run (or multirun job) folder of the current command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def run(cfg) -> Optional[float]:
+    """Run the mode named by ``cfg.mode.name``; bad input exits with one sentence.
+
+    Returns the value an Optuna sweep maximises (validation accuracy) for training runs.
+    """
+    from inat.errors import InatError
+
+    name = cfg.mode.name
+    if name not in MODES:
+        _fail(f"Unknown mode '{name}': valid modes are {', '.join(sorted(MODES))}.")
+    module, func = MODES[name].split(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+        return fn(cfg, output_dir())
+    except InatError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("Interrupted.")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

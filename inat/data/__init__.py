@@ -1,0 +1,1 @@
+"""Data layer: folder scanning, download, audit, split, decode-once cache, augmentation."""

@@ -1,0 +1,125 @@
+"""Scan a dataset root: ``train/<class>/*`` plus a test folder named ``test/`` or ``val/``.
+
+Classes always come from ``train/``. The test folder is guarded: only code running inside
+``test_access()`` (test mode, and explain/report when asked) may list it, so a sweep or a
+training run cannot read the test set even by mistake.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Sequence, Tuple
+
+from inat.errors import InatError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+_TEST_ACCESS: contextvars.ContextVar[str | None] = contextvars.ContextVar("inat_test_access", default=None)
+
+
+@dataclass(frozen=True)
+class FolderSplit:
+    """One folder of class subfolders: ``paths[i]`` has label ``labels[i]`` in ``classes``."""
+
+    root: Path
+    classes: Tuple[str, ...]
+    paths: Tuple[Path, ...]
+    labels: Tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self) -> List[int]:
+        """Number of images per class, in class order."""
+        out = [0] * len(self.classes)
+        for label in self.labels:
+            out[label] += 1
+        return out
+
+
+def _is_candidate(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".")
+
+
+def scan_folder(folder: Path, classes: Sequence[str] | None = None, *, allow_empty_class: bool = False) -> FolderSplit:
+    """List ``folder/<class>/**`` files (hidden files skipped), sorted, with labels.
+
+    When ``classes`` is given (a test folder), a class folder not in it is an error, and
+    classes missing from the folder are allowed (they simply have no test images).
+    Files with a non-image extension are an error naming the first one: a silently skipped
+    file would change the dataset without anyone noticing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InatError(f"Folder '{folder}' does not exist.")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise InatError(f"Folder '{folder}' has no class subfolders (expected {folder}/<class>/<image>).")
+    if classes is None:
+        classes = tuple(found)
+    else:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise InatError(
+                f"Test folder '{folder}' has class folder(s) {', '.join(unknown)} that train/ does not have "
+                f"(train classes: {', '.join(classes)})."
+            )
+    paths: List[Path] = []
+    labels: List[int] = []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        files = sorted(p for p in class_dir.rglob("*") if _is_candidate(p))
+        bad = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if bad:
+            raise InatError(
+                f"'{bad[0]}' is not an image file ({len(bad)} such file(s) in {folder}); "
+                f"remove them or run +mode=audit to list them all."
+            )
+        if not files and not allow_empty_class:
+            raise InatError(f"Class folder '{class_dir}' is empty.")
+        paths += files
+        labels += [label] * len(files)
+    return FolderSplit(folder, tuple(classes), tuple(paths), tuple(labels))
+
+
+def find_test_dir(root: Path) -> Path:
+    """The test folder of a dataset root: ``test/`` if present, else ``val/``."""
+    root = Path(root)
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            return root / name
+    raise InatError(f"Dataset root '{root}' has no test folder (expected '{root}/test' or '{root}/val').")
+
+
+def scan_train(root: Path) -> FolderSplit:
+    """The ``train/`` folder of a dataset root; its class folders define the classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InatError(f"Dataset root '{root}' does not exist.")
+    if not (root / "train").is_dir():
+        raise InatError(f"Dataset root '{root}' has no 'train' folder.")
+    return scan_folder(root / "train")
+
+
+@contextlib.contextmanager
+def test_access(purpose: str) -> Iterator[None]:
+    """Allow reading the test folder inside this block (``purpose`` names who asks)."""
+    token = _TEST_ACCESS.set(purpose)
+    try:
+        yield
+    finally:
+        _TEST_ACCESS.reset(token)
+
+
+def scan_test(root: Path, classes: Sequence[str]) -> FolderSplit:
+    """The test folder, only inside ``test_access``: everything else is refused."""
+    if _TEST_ACCESS.get() is None:
+        raise InatError(
+            "The test folder may only be read by test mode (+mode=test) or by explain/report on request; "
+            "training, validation and sweeps use train/ only."
+        )
+    return scan_folder(find_test_dir(root), classes, allow_empty_class=True)
