@@ -15,7 +15,7 @@ from typing import Optional
 __version__ = "0.1.0"
 
 MODES = {
-    "train": "inat.train:train_mode",
+    "train": "inat.jobs:train_mode",
     "test": "inat.evaluate:test_mode",
     "download": "inat.data.download:download_mode",
     "audit": "inat.data.audit:audit_mode",

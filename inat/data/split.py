@@ -1,0 +1,47 @@
+"""Stratified, seeded train/validation split of ``train/`` and its manifest."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from inat.errors import InatError
+
+
+def build_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, val)``: each class gives round(n_c * val_fraction) images to val.
+
+    Rounding per class keeps every class within one image of its exact share, and the
+    permutation depends only on ``seed`` and the labels, so the split is reproducible.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise InatError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)  # both sides need at least one image per class
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def write_manifest(path: Path, root: Path, classes: Sequence[str], paths: Sequence[Path], labels: Sequence[int],
+                   hashes: Sequence[str], train_idx: np.ndarray, val_idx: np.ndarray, seed: int,
+                   val_fraction: float) -> Dict:
+    """Save which file went where (relative to ``root``), with content hashes for the leak guard."""
+    def rows(idx: np.ndarray) -> List[Dict]:
+        return [{"path": str(Path(paths[i]).relative_to(root)), "label": int(labels[i]), "sha1": hashes[i]} for i in idx]
+
+    manifest = {"root": str(root), "classes": list(classes), "split_seed": seed, "val_fraction": val_fraction,
+                "train": rows(train_idx), "val": rows(val_idx)}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)
+    return manifest

@@ -1,0 +1,89 @@
+"""Test mode: score a checkpoint on the test folder once, behind a leakage guard.
+
+``+mode=test ckpt=PATH`` rebuilds the model from the checkpoint's own config, decodes the
+test folder with the model's preprocessing, refuses to score if any test image is
+byte-identical to an image the run trained or validated on, and writes ``test.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from inat.checkpoint import load_checkpoint
+from inat.data.cache import load_or_build
+from inat.data.folder import scan_test, test_access
+from inat.errors import InatError
+from inat.models import build_from_config
+from inat.runs import write_json
+from inat.train import pick_device, predict_logits
+
+
+def check_leakage(test_sha1: list, test_paths: list, state: Dict[str, Any], root: Path) -> None:
+    """Refuse when a test image's bytes equal a training or validation image's bytes."""
+    seen = set(state.get("split_sha1", {}).get("train", [])) | set(state.get("split_sha1", {}).get("val", []))
+    if not seen:
+        raise InatError("The checkpoint has no split hashes, so test leakage cannot be checked; retrain with this inat.")
+    leaks = [p for p, h in zip(test_paths, test_sha1) if h in seen]
+    if leaks:
+        first = Path(leaks[0]).relative_to(root) if Path(leaks[0]).is_relative_to(root) else leaks[0]
+        raise InatError(f"{len(leaks)} test image(s) are byte-identical to images the run trained or validated on "
+                        f"(first: {first}); the test score would be inflated, so it was not computed.")
+
+
+def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[str] = None,
+                    batch_size: int = 256, progress: bool = True) -> Dict[str, Any]:
+    """Score ``ckpt_path`` on the test folder of ``data_root`` (default: the run's root)."""
+    state = load_checkpoint(ckpt_path)
+    cfg = OmegaConf.create(state["config"])
+    classes = list(state["classes"])
+    root = Path(data_root or cfg.data.root)
+    model = build_from_config(cfg, len(classes))
+    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    device = pick_device()
+    model.to(device).eval()
+    spec = model.spec
+    with test_access("test mode"):
+        folder = scan_test(root, classes)
+        if len(folder) == 0:
+            raise InatError(f"The test folder of '{root}' has no images.")
+        cache = load_or_build(folder.paths, spec.input_size, interpolation=spec.interpolation,
+                              crop_pct=float(spec.extra.get("crop_pct", 1.0)), directory=cfg.data.cache_dir,
+                              label="test/", progress=progress)
+    check_leakage(cache.sha1, list(folder.paths), state, root)
+    logits = predict_logits(model, cache.images, spec, batch_size=batch_size, tta_flip=bool(cfg.aug.tta_flip),
+                            device=device, precision=cfg.train.precision, channels_last=bool(cfg.train.channels_last),
+                            progress="test" if progress else None)
+    y = np.asarray(folder.labels)
+    pred = logits.argmax(1).numpy()
+    k = len(classes)
+    confusion = np.zeros((k, k), dtype=int)
+    np.add.at(confusion, (y, pred), 1)
+    per_class = {c: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
+                 for i, c in enumerate(classes)}
+    result = {"accuracy": float((pred == y).mean()), "n": int(len(y)), "per_class_accuracy": per_class,
+              "confusion_matrix": confusion.tolist(), "classes": classes, "ckpt": str(Path(ckpt_path).resolve()),
+              "data_root": str(root), "tta_flip": bool(cfg.aug.tta_flip),
+              "loss": float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))}
+    write_json(Path(out_dir) / "test.json", result)
+    return result
+
+
+def print_test(result: Dict[str, Any]) -> None:
+    """Human summary of a test.json dict."""
+    print(f"test accuracy {result['accuracy']:.1%} on {result['n']} images ({result['data_root']})")
+    for name, acc in result["per_class_accuracy"].items():
+        print(f"  {name:<24} {'-' if acc is None else f'{acc:.1%}'}")
+
+
+def test_mode(cfg: DictConfig, out_dir: Path) -> None:
+    """``+mode=test ckpt=PATH [data.root=ROOT]``: writes test.json into the output folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overridden_root = any(o.startswith("data.root=") for o in HydraConfig.get().overrides.task)
+    result = test_checkpoint(cfg.ckpt, out_dir, cfg.data.root if overridden_root else None)
+    print_test(result)
+    print(f"wrote {Path(out_dir) / 'test.json'}")

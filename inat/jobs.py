@@ -1,0 +1,29 @@
+"""The default job: train, then (outside sweeps) test the best checkpoint and summarise."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from inat.runs import in_multirun, world
+
+
+def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
+    """``python run.py [overrides]``; returns best validation accuracy for Optuna.
+
+    Sweep trials never read the test folder, whatever ``train.then_test`` says.
+    """
+    from inat.train import fit
+
+    summary = fit(cfg, out_dir)
+    rank, _ = world()
+    if rank == 0:
+        print(f"best val accuracy {summary['best_val_accuracy']:.1%} at epoch {summary['best_epoch']} "
+              f"({summary['stop_reason']}); {summary['train_images_per_sec']:.0f} img/s; run folder {out_dir}")
+        if cfg.train.then_test and not in_multirun():
+            from inat.evaluate import print_test, test_checkpoint
+
+            result = test_checkpoint(Path(out_dir) / "checkpoints" / "best.pt", Path(out_dir) / "test")
+            print_test(result)
+    return float(summary["best_val_accuracy"])
