@@ -241,3 +241,26 @@ def test_cfg_and_weights_from_other_paths(tiny_files, tmp_path):
     other = Detector(tmp_path / cfg.name, tmp_path / weights.name, tmp_path / names.name, size=320)
     found = other.detect(rgb("person.jpg"))
     assert best_iou(found, "person", PERSON_JPG["person"]) >= 0.5
+
+
+def test_classify_names_detected_animals(tiny_files, tmp_path):
+    """Plumbing of detect.classify with a tiny untrained scratch checkpoint: names come from its classes."""
+    from inat.checkpoint import save_checkpoint
+    from inat.config import Config
+    from inat.detect.app import watch
+    from inat.models import build_from_config
+
+    cfg = OmegaConf.structured(Config)
+    cfg.data.image_size, cfg.filters.base, cfg.model.dense_units = 32, 4, 8
+    classes = ["Amphibia", "Aves", "Mammalia"]
+    model = build_from_config(cfg, len(classes))
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint({"config": OmegaConf.to_container(cfg), "classes": classes, "model": model.state_dict()}, ckpt)
+    out = tmp_path / "out"
+    watch(detect_cfg(inputs=[str(IMAGES / "person.jpg")], watch=["dog", "person", "horse"], classify=str(ckpt)), out)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    animals = [e for e in events if e["class"] in ("dog", "horse")]
+    people = [e for e in events if e["class"] == "person"]
+    assert animals and people
+    assert all(e["species"] in classes and 0 < e["species_score"] <= 1 for e in animals)
+    assert all("species" not in e for e in people)  # people are not sent to the animal classifier
