@@ -16,7 +16,14 @@ def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
     """
     from inat.train import fit
 
-    summary = fit(cfg, out_dir)
+    callback = None
+    if in_multirun() and cfg.sweep.prune:
+        from inat.sweep.prune import should_stop
+
+        def callback(record: dict) -> Optional[str]:
+            return should_stop(cfg, Path(out_dir), record)
+
+    summary = fit(cfg, out_dir, epoch_callback=callback)
     rank, _ = world()
     if rank == 0:
         print(f"best val accuracy {summary['best_val_accuracy']:.1%} at epoch {summary['best_epoch']} "

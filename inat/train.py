@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -256,8 +256,14 @@ def _start_wandb(cfg: DictConfig, run_dir: Path):
         return None
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
-    """Train with the composed config, writing the run folder; returns the summary dict."""
+def fit(cfg: DictConfig, run_dir: Path,
+        epoch_callback: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None) -> Dict[str, Any]:
+    """Train with the composed config, writing the run folder; returns the summary dict.
+
+    ``epoch_callback(record)`` runs after each epoch's checkpoint; a non-empty string it
+    returns stops training with ``stop_reason = "pruned: <reason>"`` (sweeps use it to
+    stop weak trials early without this module knowing about sweeps).
+    """
     rank, world_size = world()
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -367,6 +373,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
                   f"{record['images_per_sec']:.0f} img/s  {record['seconds']:.0f}s", flush=True)
         if os.environ.get("INAT_KILL_AFTER_EPOCH") == str(epoch + 1):  # fault injection for the resume test
             os.kill(os.getpid(), signal.SIGKILL)
+        reason = epoch_callback(record) if epoch_callback is not None else None
+        if reason:
+            stop_reason = f"pruned: {reason}"
+            if is_main:
+                print(f"stopped early: {reason}", flush=True)
+            break
         if cfg.train.early_stopping > 0 and state["bad_epochs"] >= int(cfg.train.early_stopping):
             stop_reason = "early_stopping"
             break
