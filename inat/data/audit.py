@@ -257,7 +257,7 @@ def _inspect_all(paths: List[str], workers: int, progress: bool) -> List[Dict[st
     from tqdm import tqdm
 
     bar = dict(total=len(paths), desc="audit", unit="file", disable=not progress, mininterval=0.5)
-    if workers <= 1 or len(paths) < 64:
+    if workers <= 1 or len(paths) < 2:
         with _strict_pil():
             return [inspect_file(p) for p in tqdm(paths, **bar)]
     # fork (Linux default) starts workers in milliseconds; chunks amortise the IPC cost.
