@@ -201,3 +201,11 @@ def build_scratch(model_cfg: Any, *, num_classes: int, image_size: int, act: Any
                      model_cfg.dropout_where, act_kwargs)
     net.spec = ModelSpec(name="scratch", num_classes=num_classes, input_size=image_size)
     return net
+
+
+def assignment_counts(m: int, k: int, n: int, height: int, width: int) -> tuple[int, int]:
+    """FORMULA_PARAMS and FORMULA_MACS evaluated (10 classes, no BN, H and W divisible by 32)."""
+    hw = height * width
+    params = (3 * k * k * m + m) + 4 * (k * k * m * m + m) + m * (height // 32) * (width // 32) * n + n + 10 * n + 10
+    macs = 3 * k * k * m * hw + k * k * m * m * (hw // 4 + hw // 16 + hw // 64 + hw // 256) + m * (hw // 1024) * n + 10 * n
+    return params, macs
