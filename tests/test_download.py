@@ -65,6 +65,12 @@ class _Server:
                 rng = self.headers.get("Range")
                 if rng and not server.ignore_range:
                     start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
@@ -82,7 +88,8 @@ class _Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # A short poll interval keeps shutdown (each test's teardown) fast.
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -137,6 +144,20 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     download_file(server.url("/big.bin"), dest, expected_size=len(data), progress=False, backoff=0.01)
     assert dest.read_bytes() == data
     assert len(server.requests) == 2
+
+
+def test_part_already_complete_or_too_long(server, tmp_path):
+    data = os.urandom(50_000)
+    server.files["/f.bin"] = data
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(data)  # killed after the last byte, before the rename
+    download_file(server.url("/f.bin"), dest, sha256=_sha(data), progress=False, backoff=0.01)
+    assert dest.read_bytes() == data and len(server.requests) == 1
+    dest.unlink()
+    (tmp_path / "f.bin.part").write_bytes(data + b"junk")  # longer than the file: start over
+    download_file(server.url("/f.bin"), dest, sha256=_sha(data), progress=False, backoff=0.01)
+    assert dest.read_bytes() == data
+    assert [r["range"] for r in server.requests[1:]] == ["bytes=50004-", None]
 
 
 def test_checksum_mismatch_is_refused_and_part_deleted(server, tmp_path):

@@ -88,9 +88,11 @@ def _fetch_once(url: str, part: Path, expected_size: Optional[int], progress: bo
         response = urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:
-            # Our .part is already as long as (or longer than) the file: let the size/sha
-            # checks decide, and start over if they fail.
-            if expected_size is None or offset == expected_size:
+            # Our .part is already as long as (or longer than) the file. It is complete only
+            # if its length is the file's (``Content-Range: bytes */LEN``); else start over.
+            m = re.match(r"bytes \*/(\d+)", err.headers.get("Content-Range") or "")
+            size = int(m.group(1)) if m else expected_size
+            if size is not None and offset == size:
                 return 0
             part.unlink(missing_ok=True)
             raise _Incomplete("range not satisfiable") from err
