@@ -50,6 +50,9 @@ class ModelConfig:
     weights: Optional[str] = None  # weights enum name (torchvision) or "imagenet"/None
     weights_file: Optional[str] = None  # local file with a state dict
     pretrained: bool = True
+    # Input side the backbone is fed; None = its native size (224, 299 for inception_v3, ...).
+    input_size: Optional[int] = None
+    drop_path: float = 0.0  # timm backbones: stochastic depth rate (`dropout` is the head's)
 
 
 @dataclass
