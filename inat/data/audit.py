@@ -356,7 +356,7 @@ def audit_dataset(
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
 def _show(lines: List[str], items: Sequence[str]) -> None:
@@ -370,7 +370,7 @@ def format_summary(report: Dict[str, Any]) -> str:
     """A readable multi-line summary of an ``audit_dataset`` report."""
     splits = report["splits"]
     total = sum(s["files"] for s in splits.values())
-    lines = [f"Audit of {report['root']}: {total:,} files, {len(report['classes'])} classes "
+    lines = [f"Audit of {report['root']}: {_plural(total, 'file')}, {_plural(len(report['classes']), 'class')} "
              f"({report['seconds']:.1f} s, {report['settings']['workers']} workers)", ""]
     heads = [f"{name} ({s['folder']}/)" if name != s["folder"] else f"{name}/" for name, s in splits.items()]
     width = max([len(c) for c in report["classes"]] + [5])
