@@ -140,16 +140,20 @@ class ExplainConfig:
     what: List[str] = field(default_factory=lambda: ["grid", "filters", "guided_backprop", "confusion"])
     pick: str = "random"  # random | confident | mistakes
     seed: int = 0
+    per_class: int = 3  # grid columns: test images shown per class
     neurons: Optional[List[int]] = None  # CONV5 channels; None = the most active ones
     n_neurons: int = 10
     image: Optional[str] = None  # image for feature maps; None = a seeded random test image
+    batch_size: int = 128  # forward-pass batch when scoring the test images
 
 
 @dataclass
 class ReportConfig:
-    inputs: List[str] = field(default_factory=list)
-    out: str = "report.html"
+    inputs: List[str] = field(default_factory=list)  # run folders and/or sweep (multirun) folders
+    out: str = "report.html"  # relative paths are taken from the current directory
     title: str = "inat report"
+    # Run the explain figures on the best run when its folder has none (reads the test folder).
+    explain: bool = True
 
 
 @dataclass

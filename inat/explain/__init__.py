@@ -1,0 +1,108 @@
+"""Explanations of a trained checkpoint: prediction grid, filters, guided backprop, confusion.
+
+``python run.py +mode=explain ckpt=PATH explain.what=[grid,filters,guided_backprop,confusion]``
+writes PNG figures and an ``explain.json`` (figure file names plus the numbers behind them)
+into the Hydra output folder. ``explain_checkpoint`` is the same thing as a function, which
+the report calls for the best run. The test folder is scored once, and only when a figure
+needs it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from inat.errors import InatError
+
+WHAT = ("grid", "filters", "guided_backprop", "confusion")
+
+__all__ = ["explain_mode", "explain_checkpoint", "WHAT"]
+
+
+def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] = WHAT, data_root: Optional[str] = None,
+                       pick: str = "random", seed: int = 0, per_class: int = 3, neurons: Optional[Sequence[int]] = None,
+                       n_neurons: int = 10, image: Optional[str] = None, batch_size: int = 128) -> Dict[str, Any]:
+    """Draw the requested figures for ``ckpt`` into ``out_dir`` and return explain.json's content.
+
+    ``data_root`` defaults to the root the checkpoint was trained on. Test images are read
+    through the test-folder guard with the checkpoint's preprocessing.
+    """
+    import numpy as np
+
+    from inat.checkpoint import load_checkpoint
+    from inat.models import model_from_checkpoint
+    from inat.runs import write_json
+
+    unknown = [w for w in what if w not in WHAT]
+    if unknown or not what:
+        raise InatError(f"Unknown explain.what {unknown or '[]'}: valid are {', '.join(WHAT)}.")
+    start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = load_checkpoint(ckpt)
+    root = data_root or state["config"]["data"]["root"]
+    model, spec, classes = model_from_checkpoint(ckpt)
+
+    scores = None
+    needs_scores = bool({"grid", "guided_backprop", "confusion"} & set(what)) or ("filters" in what and not image)
+    if needs_scores:
+        from inat.explain.scoring import score_test_set
+
+        tta = bool(state["config"].get("aug", {}).get("tta_flip", False))  # score as test mode does
+        scores = score_test_set(model, spec, classes, root, batch_size=batch_size, tta_flip=tta)
+
+    result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {}}
+    if scores is not None:
+        result.update(test_accuracy=scores.accuracy, n=len(scores.labels))
+    if "grid" in what:
+        from inat.explain.grid import draw_grid
+
+        result["grid"] = draw_grid(scores, out_dir / "grid.png", per_class=per_class, pick=pick, seed=seed)
+        result["figures"]["grid"] = "grid.png"
+    if "filters" in what:
+        from inat.explain.filters import draw_feature_maps, draw_filters
+        from inat.explain.scoring import decode_many
+
+        result["filters"] = draw_filters(model, out_dir / "filters.png")
+        if image:
+            if not Path(image).is_file():
+                raise InatError(f"explain.image '{image}' does not exist.")
+            picture, name = decode_many([Path(image)], spec)[0], Path(image).name
+        else:
+            i = int(np.random.default_rng(seed).integers(len(scores.labels)))
+            picture, name = scores.images[i], f"{Path(scores.paths[i]).name} ({classes[scores.labels[i]]})"
+        result["feature_maps"] = {"image": name, **draw_feature_maps(model, spec, picture, out_dir / "feature_maps.png", name)}
+        result["figures"].update(filters="filters.png", feature_maps="feature_maps.png")
+    if "guided_backprop" in what:
+        from inat.explain.guided_backprop import draw_guided_backprop
+
+        result["guided_backprop"] = draw_guided_backprop(model, spec, scores, out_dir / "guided_backprop.png",
+                                                         neurons=neurons, count=n_neurons)
+        result["figures"]["guided_backprop"] = "guided_backprop.png"
+    if "confusion" in what:
+        from inat.explain.confusion import draw_confusion
+
+        result["confusion"] = draw_confusion(scores, out_dir / "confusion.png", out_dir / "mistakes.png")
+        result["figures"].update(confusion="confusion.png", mistakes="mistakes.png")
+    result["seconds"] = round(time.time() - start, 1)
+    write_json(out_dir / "explain.json", result)
+    return result
+
+
+def explain_mode(cfg: Any, out_dir: Path) -> None:
+    """``+mode=explain``: figures for ``ckpt`` into the Hydra output folder.
+
+    The data root is the checkpoint's own unless ``data.root`` is among the command's
+    overrides (as in test mode).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    e = cfg.explain
+    overridden = HydraConfig.initialized() and any(o.startswith("data.root=") for o in HydraConfig.get().overrides.task)
+    root = str(cfg.data.root) if overridden else None
+    result = explain_checkpoint(cfg.ckpt, out_dir, what=list(e.what), data_root=root, pick=e.pick, seed=int(e.seed),
+                                per_class=int(e.per_class), neurons=list(e.neurons) if e.neurons else None,
+                                n_neurons=int(e.n_neurons), image=e.image, batch_size=int(e.batch_size))
+    acc = result.get("test_accuracy")
+    line = f" (test accuracy {100 * acc:.1f}% on {result['n']} images)" if acc is not None else ""
+    print(f"explain: {', '.join(result['figures'].values())} in {out_dir}{line}", flush=True)

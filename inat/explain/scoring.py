@@ -1,0 +1,117 @@
+"""Score a checkpoint on its test folder once; every explain figure reads these scores.
+
+The test folder is listed through ``scan_test`` inside ``test_access("explain")`` (the guard
+that keeps training and sweeps off the test set), decoded with the checkpoint's own
+preprocessing (``ModelSpec`` size, mean, std, interpolation) and pushed through the model in
+batches under ``torch.no_grad``. While scoring, a forward hook on ``model.last_conv()``
+keeps each CONV5 channel's maximum spatial activation per image, which is what guided
+backprop needs to pick neurons and the images that excite them most.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from inat.data.folder import scan_test, test_access
+from inat.data.images import decode_image, to_float
+from inat.errors import InatError
+from inat.models.base import InatModel, ModelSpec
+
+
+@dataclass
+class TestScores:
+    """A model's view of the test set: images, labels, probabilities, CONV5 maxima."""
+
+    classes: List[str]
+    paths: List[Path]
+    labels: np.ndarray  # (N,) int64
+    images: np.ndarray  # (N, S, S, 3) uint8, exactly what the model saw (before normalising)
+    probs: np.ndarray  # (N, K) float32 softmax
+    conv5_max: np.ndarray  # (N, C5) float32: max over (h, w) of each CONV5 channel
+
+    @property
+    def preds(self) -> np.ndarray:
+        """(N,) predicted class index."""
+        return self.probs.argmax(1)
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy as a fraction in [0, 1] (0 for an empty set)."""
+        return float((self.preds == self.labels).mean()) if len(self.labels) else 0.0
+
+    def confusion(self) -> np.ndarray:
+        """(K, K) counts, rows = true class, columns = predicted class."""
+        k = len(self.classes)
+        cm = np.zeros((k, k), dtype=np.int64)
+        np.add.at(cm, (self.labels, self.preds), 1)
+        return cm
+
+
+def decode_many(paths: Sequence[Path], spec: ModelSpec, workers: int = 2) -> np.ndarray:
+    """Decode files to (N, S, S, 3) uint8 with the spec's size and interpolation.
+
+    PIL releases the GIL while decoding and resizing, so a small thread pool roughly
+    divides the wall time by the number of cores without pickling images across processes.
+    """
+    size = int(spec.input_size)
+    crop_pct = float(spec.extra.get("crop_pct", 1.0))  # pretrained specs resize larger then centre-crop
+    if not paths:
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        arrays = list(pool.map(lambda p: decode_image(p, size, spec.interpolation, crop_pct), paths))
+    return np.stack(arrays)
+
+
+def normalise(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 with the spec's mean and std."""
+    return to_float(torch.from_numpy(np.ascontiguousarray(images)), spec.mean, spec.std)
+
+
+def score_images(model: InatModel, spec: ModelSpec, images: np.ndarray, batch_size: int = 128,
+                 tta_flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Batched no-grad forward passes: ``(probs (N, K), conv5_max (N, C5))``.
+
+    With ``tta_flip`` the logits are averaged with the mirrored image's, as test mode does,
+    so the accuracy here matches test.json; CONV5 maxima come from the unmirrored pass.
+    """
+    captured: List[torch.Tensor] = []
+    keep = [True]
+
+    def keep_max(_module, _inputs, output: torch.Tensor) -> None:
+        if keep[0]:
+            captured.append(output.detach().amax(dim=(2, 3)).float())  # (B, C5, h, w) -> (B, C5)
+
+    handle = model.last_conv().register_forward_hook(keep_max)
+    probs: List[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                x = normalise(images[start:start + batch_size], spec)  # (B, 3, S, S)
+                keep[0] = True
+                logits = model(x).float()
+                if tta_flip:
+                    keep[0] = False
+                    logits = (logits + model(x.flip(3)).float()) / 2
+                probs.append(torch.softmax(logits, dim=1))
+    finally:
+        handle.remove()
+    if not probs:
+        return np.zeros((0, spec.num_classes), np.float32), np.zeros((0, 0), np.float32)
+    return torch.cat(probs).numpy(), torch.cat(captured).numpy()
+
+
+def score_test_set(model: InatModel, spec: ModelSpec, classes: Sequence[str], root: str | Path,
+                   batch_size: int = 128, workers: int = 2, tta_flip: bool = False) -> TestScores:
+    """List, decode and score the test folder of ``root`` for a model trained on ``classes``."""
+    with test_access("explain"):
+        split = scan_test(Path(root), classes)
+    if len(split) == 0:
+        raise InatError(f"The test folder of '{root}' has no images to explain.")
+    images = decode_many(split.paths, spec, workers)
+    probs, conv5 = score_images(model, spec, images, batch_size, tta_flip)
+    return TestScores(list(classes), list(split.paths), np.asarray(split.labels, dtype=np.int64), images, probs, conv5)
