@@ -168,17 +168,22 @@ class SweepConfig:
 
 @dataclass
 class PredictConfig:
-    inputs: List[str] = field(default_factory=list)
+    inputs: List[str] = field(default_factory=list)  # image files and/or folders (walked recursively)
     top_k: int = 3
-    tta: bool = False
+    tta: bool = False  # average with the horizontally mirrored image
     batch_size: int = 64
+    workers: int = 0  # decode threads; 0 = min(8, number of CPUs)
 
 
 @dataclass
 class ExportConfig:
     format: str = "onnx"  # onnx | torchscript
-    verify_images: int = 8
+    verify_images: int = 8  # images (from the run's train folder, else random) for the parity check
     opset: int = 17
+    # legacy = torch.onnx's TorchScript-based exporter (fast, no extra package);
+    # dynamo = the torch.export-based one (needs the onnxscript package; much slower here).
+    onnx_exporter: str = "legacy"
+    tolerance: float = 1e-3  # largest max-abs logit difference to PyTorch that passes
 
 
 @dataclass
