@@ -1,0 +1,215 @@
+"""Export mode: a checkpoint to ONNX (or TorchScript), verified against PyTorch before it counts.
+
+``+mode=export ckpt=PATH [export.format=onnx|torchscript]`` rebuilds the model from the
+checkpoint in fp32 eval mode on the CPU, exports it with a dynamic batch dimension and the
+preprocessing constants (input size, mean, std, interpolation, crop, classes) stored in the
+file, then runs the exported file on a few images (from the run's train folder when it is
+there, else seeded random ones) at a batch size other than the traced one and compares its
+logits with PyTorch's. The file is written under a temp name and renamed only after the check
+passes, so a failed export leaves nothing behind. ``export.json`` records the result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+import inat
+from inat.checkpoint import load_checkpoint
+from inat.data.folder import IMAGE_EXTENSIONS
+from inat.data.images import decode_image, to_float
+from inat.errors import InatError
+from inat.models import ModelSpec, model_from_checkpoint
+from inat.runs import write_json
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+ONNX_EXPORTERS = ("legacy", "dynamo")
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+TRACE_BATCH = 2  # the parity check runs another batch size, which proves the batch axis is dynamic
+VERIFY_SEED = 0
+
+
+def preprocessing_metadata(spec: ModelSpec, classes: List[str], model_name: str) -> Dict[str, str]:
+    """The string key/value pairs a consumer needs to feed the exported model without inat.
+
+    Values are JSON where they are lists, so any ONNX runtime can parse them. The recipe is
+    the one ``inat.data.images`` applies: RGB, resize the shorter side to ``input_size /
+    crop_pct`` with ``interpolation``, centre-crop ``input_size``, scale to [0, 1], subtract
+    ``mean``, divide by ``std``, NCHW.
+    """
+    return {
+        "inat_version": inat.__version__,
+        "model": model_name,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_layout": "NCHW float32 RGB",
+        "input_size": str(int(spec.input_size)),
+        "mean": json.dumps([float(v) for v in spec.mean]),
+        "std": json.dumps([float(v) for v in spec.std]),
+        "interpolation": spec.interpolation,
+        "crop_pct": str(float(spec.extra.get("crop_pct", 1.0))),
+        "scale": "1/255 then (x - mean) / std",
+        "classes": json.dumps(list(classes)),
+    }
+
+
+def verification_images(data_root: str | None, spec: ModelSpec, n: int) -> Tuple[np.ndarray, str]:
+    """``((n, S, S, 3) uint8, source)``: seeded picks from ``<data_root>/train``, else random pixels.
+
+    Real photos exercise the value ranges the model will see in use, which random noise does
+    not; the test folder is never read, so exporting cannot touch held-out data.
+    """
+    size = int(spec.input_size)
+    crop_pct = float(spec.extra.get("crop_pct", 1.0))
+    train = Path(data_root) / "train" if data_root else None
+    if train is not None and train.is_dir():
+        files = sorted(p for p in train.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        order = np.random.default_rng(VERIFY_SEED).permutation(len(files))
+        arrays = []
+        for i in order:
+            try:
+                arrays.append(decode_image(files[i], size, spec.interpolation, crop_pct))
+            except InatError:
+                continue  # a bad training file says nothing about the export; take the next one
+            if len(arrays) == n:
+                break
+        if len(arrays) == n:
+            return np.stack(arrays), f"{train} ({n} seeded picks)"
+    rng = np.random.default_rng(VERIFY_SEED)
+    return rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8), "random pixels"
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str,
+                metadata: Dict[str, str]) -> int:
+    """Write ``model`` to ONNX at ``path`` with a dynamic batch axis and ``metadata``; returns the opset used.
+
+    ``legacy`` (torch.onnx's TorchScript-based exporter) is the default: in torch 2.14 it
+    takes about a second where the torch.export-based ``dynamo`` exporter takes 40 s or more
+    on two CPUs, needs the onnxscript package, and may raise the opset (it cannot write Pad
+    at opset 17). Both give the same logits to 1e-6 on the models we ship.
+    """
+    import onnx
+
+    if exporter not in ONNX_EXPORTERS:
+        raise InatError(f"Unknown export.onnx_exporter '{exporter}': valid are {', '.join(ONNX_EXPORTERS)}.")
+    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=int(opset))
+    with warnings.catch_warnings():
+        # the legacy exporter warns that it is deprecated on every call; the choice is deliberate
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if exporter == "legacy":
+            torch.onnx.export(model, (example,), str(path), dynamo=False, do_constant_folding=True,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **common)
+        else:
+            try:
+                import onnxscript  # noqa: F401
+            except ModuleNotFoundError as err:
+                raise InatError("export.onnx_exporter=dynamo needs the onnxscript package (pip install onnxscript); "
+                                "the default export.onnx_exporter=legacy does not.") from err
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), **common)
+            program.save(str(path))
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return max(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    """Logits from onnxruntime on the CPU for a (B, 3, S, S) float32 batch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, metadata: Dict[str, str]) -> None:
+    """Trace ``model`` and save it with the metadata as the extra file ``inat.json``."""
+    with warnings.catch_warnings():
+        # torch.jit is deprecated upstream (FutureWarning on every call) but still works in 2.14
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"inat.json": json.dumps(metadata)})
+
+
+def run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
+    """Logits from the saved TorchScript file (loaded afresh, as a user would) for a float32 batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return loaded(torch.from_numpy(x)).numpy()
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onnx", verify_images: int = 8,
+                      opset: int = 17, onnx_exporter: str = "legacy", tolerance: float = 1e-3) -> Dict[str, Any]:
+    """Export ``ckpt`` into ``out_dir`` as ``fmt``, verify parity, write ``export.json``; returns its dict.
+
+    The model runs in fp32 eval mode on the CPU. The parity check feeds the exported file and
+    PyTorch the same normalised images (all at once, then the first alone, so two batch sizes
+    other than the traced one) and fails with InatError when the max absolute logit
+    difference exceeds ``tolerance``; the temp file is removed then, and on any other error.
+    """
+    if fmt not in FORMATS:
+        raise InatError(f"Unknown export.format '{fmt}': valid are {', '.join(FORMATS)}.")
+    if verify_images < 1:
+        raise InatError(f"export.verify_images must be at least 1 (got {verify_images}).")
+    state = load_checkpoint(ckpt)
+    model, spec, classes = model_from_checkpoint(ckpt)
+    model = model.float().cpu().eval()
+    model_name = str(state["config"].get("model", {}).get("name", spec.name))
+    metadata = preprocessing_metadata(spec, classes, model_name)
+    size = int(spec.input_size)
+    example = torch.zeros(TRACE_BATCH, 3, size, size)
+    images, source = verification_images(state["config"].get("data", {}).get("root"), spec, int(verify_images))
+    x = to_float(torch.from_numpy(images), spec.mean, spec.std).contiguous()  # (B, 3, S, S)
+    with torch.no_grad():
+        reference = model(x).numpy()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / FORMATS[fmt]
+    tmp = final.with_name("." + final.name + ".tmp")
+    try:
+        with torch.no_grad():
+            if fmt == "onnx":
+                used_opset = export_onnx(model, example, tmp, opset, onnx_exporter, metadata)
+                run = run_onnx
+            else:
+                export_torchscript(model, example, tmp, metadata)
+                used_opset, run = None, run_torchscript
+        exported_all = run(tmp, x.numpy())
+        exported_one = run(tmp, x[:1].numpy())
+        diff = float(max(np.abs(exported_all - reference).max(), np.abs(exported_one - reference[:1]).max()))
+        if not diff <= tolerance:  # `not <=` also catches NaN
+            raise InatError(f"The {fmt} export of '{ckpt}' differs from PyTorch by {diff:.3g} (max absolute logit) "
+                            f"on {len(x)} images, above the {tolerance:g} tolerance; nothing was written.")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    result = {"format": fmt, "path": str(final.resolve()), "max_abs_diff": diff, "opset": used_opset,
+              "n_images": int(len(x)), "images": source, "tolerance": tolerance,
+              "exporter": onnx_exporter if fmt == "onnx" else "torch.jit.trace",
+              "ckpt": str(Path(ckpt).resolve()), "bytes": final.stat().st_size, "metadata": metadata}
+    write_json(out_dir / "export.json", result)
+    return result
+
+
+def export_mode(cfg: DictConfig, out_dir: Path) -> None:
+    """``+mode=export ckpt=PATH [export.format=onnx|torchscript]``: the verified file plus export.json."""
+    e = cfg.export
+    result = export_checkpoint(cfg.ckpt, out_dir, fmt=str(e.format), verify_images=int(e.verify_images),
+                               opset=int(e.opset), onnx_exporter=str(e.onnx_exporter), tolerance=float(e.tolerance))
+    opset = f", opset {result['opset']}" if result["opset"] is not None else ""
+    print(f"exported {result['format']}{opset}: max |logit difference| to PyTorch {result['max_abs_diff']:.2e} "
+          f"on {result['n_images']} images from {result['images']}")
+    print(f"wrote {result['path']} and {Path(out_dir) / 'export.json'}")
