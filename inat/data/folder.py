@@ -123,3 +123,6 @@ def scan_test(root: Path, classes: Sequence[str]) -> FolderSplit:
             "training, validation and sweeps use train/ only."
         )
     return scan_folder(find_test_dir(root), classes, allow_empty_class=True)
+
+
+test_access.__test__ = False  # not a pytest test, despite its name
