@@ -1,0 +1,84 @@
+"""The report: one self-contained HTML file that answers the assignment's questions from data.
+
+``python run.py +mode=report report.inputs=[RUN_OR_SWEEP,...] report.out=FILE`` reads run
+folders and sweep folders, picks the best scratch run by validation accuracy, runs the
+explain figures on its ``best.pt`` when its folder has none (this reads the test folder,
+which the report is allowed to do on request; ``report.explain=false`` skips it), and
+writes a single HTML page with every image inlined.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+__all__ = ["report_mode", "build_report"]
+
+
+def _explain_best(run, work_dir: Path, allow: bool) -> tuple[Optional[Dict[str, Any]], Optional[Path]]:
+    """explain.json and its folder for ``run``: the run's own, else made now into ``work_dir``."""
+    import json
+
+    if run is None:
+        return None, None
+    if run.explain_dir is not None:
+        return json.loads((run.explain_dir / "explain.json").read_text()), run.explain_dir
+    if not allow or run.best_ckpt is None:
+        return None, None
+    from inat.explain import explain_checkpoint
+
+    target = Path(work_dir) / "explain" / run.name.replace("/", "_")
+    return explain_checkpoint(run.best_ckpt, target), target
+
+
+def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str = "inat report",
+                 explain: bool = True) -> Dict[str, Any]:
+    """Write the HTML report for ``inputs`` to ``out_file``; returns the key numbers it shows.
+
+    ``work_dir`` receives explain figures made for the report (the inputs are only read).
+    """
+    from inat.report import charts, sections
+    from inat.report.collect import best_run, collect
+    from inat.report.html import page
+    from inat.report.provenance import run_provenance, this_machine
+
+    runs, sweeps = collect(inputs)
+    best = best_run(runs, scratch=True)
+    explained, explain_dir = _explain_best(best, work_dir, explain)
+    machine = this_machine()
+    curves = charts.learning_curves(best.metrics, f"{best.name}: learning curves") if best else None
+    tuned = [r for r in runs if not r.is_scratch]
+    chart = None
+    if tuned:
+        shown = ([best] if best else []) + sorted(tuned, key=lambda r: -(r.val or -1))
+        chart = charts.compare_runs([r.name for r in shown], [r.val for r in shown],
+                                    [r.test_accuracy for r in shown], "Scratch vs fine-tuning")
+    body = [
+        f"<p class=\"note\">Inputs: {', '.join(str(i) for i in inputs)}. Accuracies are percentages with one decimal.</p>",
+        sections.runs_overview(runs),
+        sections.counts_section(best),
+        sections.sweeps_section(sweeps),
+        sections.best_model_section(best, explained, explain_dir, curves),
+        sections.finetune_section(runs, best, chart),
+        sections.provenance_section([run_provenance(r, machine) for r in runs], machine, sweeps),
+    ]
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(page(title, body), encoding="utf-8")
+    test = best.test_accuracy if best else None
+    if test is None and explained:
+        test = explained.get("test_accuracy")
+    return {"out": str(out_file), "runs": len(runs), "sweeps": len(sweeps), "best_run": best.name if best else None,
+            "best_val_accuracy": best.val if best else None, "test_accuracy": test,
+            "explain_dir": str(explain_dir) if explain_dir else None}
+
+
+def report_mode(cfg: Any, out_dir: Path) -> None:
+    """``+mode=report``: the HTML report at ``report.out`` (relative to the current directory)."""
+    from inat.report.html import pct
+
+    r = cfg.report
+    result = build_report(list(r.inputs), Path(r.out), out_dir, title=str(r.title), explain=bool(r.explain))
+    size_kb = Path(result["out"]).stat().st_size / 1024
+    print(f"report: {result['out']} ({size_kb:.0f} KB; {result['runs']} runs, {result['sweeps']} sweeps; "
+          f"best {result['best_run']} val {pct(result['best_val_accuracy'])} test {pct(result['test_accuracy'])})",
+          flush=True)

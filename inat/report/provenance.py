@@ -1,0 +1,90 @@
+"""Where each number came from: command, data root, seeds, versions, hardware.
+
+A run folder records its command (``.hydra/overrides.yaml``), config and device; versions
+and hardware come from what the run left (wandb's metadata and requirements files when
+present). What the run folder does not record is filled from the machine building the
+report and labelled so, never passed off as the run's.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from inat.report.collect import Run
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def this_machine() -> Dict[str, str]:
+    """Versions and hardware of the machine running the report."""
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)", "gpu": gpu, "os": platform.platform()}
+
+
+def _wandb_files(run: Run) -> Optional[Path]:
+    runs = sorted(run.path.glob("wandb/*run-*/files"))
+    return runs[-1] if runs else None
+
+
+def recorded_environment(run: Run) -> Dict[str, str]:
+    """Versions and hardware the run folder itself recorded (may be empty)."""
+    env: Dict[str, str] = {}
+    for key in ("python", "torch"):
+        if run.summary.get(key):
+            env[key] = str(run.summary[key])
+    versions = run.summary.get("versions") or run.summary.get("env") or {}
+    if isinstance(versions, dict):
+        env.update({k: str(v) for k, v in versions.items() if k in ("python", "torch", "cpu", "gpu")})
+    files = _wandb_files(run)
+    if files is not None:
+        meta_path = files / "wandb-metadata.json"
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                meta = {}
+            if meta.get("python"):
+                env.setdefault("python", str(meta["python"]).split()[0])
+            if meta.get("cpu_count"):
+                env.setdefault("cpu", f"{meta.get('cpu_count')} CPUs")
+            if meta.get("gpu"):
+                env.setdefault("gpu", f"{meta.get('gpu_count', 1)} x {meta['gpu']}")
+        req = files / "requirements.txt"
+        if req.is_file():
+            m = re.search(r"^torch==(\S+)$", req.read_text(), flags=re.M)
+            if m:
+                env.setdefault("torch", m.group(1))
+    return env
+
+
+def run_provenance(run: Run, machine: Dict[str, str]) -> Dict[str, Any]:
+    """One row of the provenance table for ``run``."""
+    env = recorded_environment(run)
+    missing = [k for k in ("python", "torch", "cpu", "gpu") if k not in env]
+    for k in missing:  # honest fallback: say it is the report machine's value
+        env[k] = f"{machine[k]} (report machine)"
+    seeds = {"seed": run.get("seed"), "data.split_seed": run.get("data.split_seed")}
+    device = run.summary.get("device")
+    if device:
+        env["device"] = f"{device} x {run.summary.get('world_size', 1)}"
+    # A sweep trial's overrides.yaml holds its sampled values: as a single run they reproduce it.
+    command = " ".join(["python run.py", *run.overrides])
+    return {"run": run.name, "path": str(run.path), "command": command, "data_root": run.get("data.root", "?"),
+            "seeds": seeds, "env": env}

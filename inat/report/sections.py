@@ -1,0 +1,212 @@
+"""The report's sections, one function per question; each returns an HTML fragment."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from inat.report.collect import Run, Sweep
+from inat.report.html import Raw, esc, figure, pct, pre_json, table
+
+# Explain figures in the order the report shows them, with what each answers.
+EXPLAIN_FIGURES = [
+    ("grid", "Test images, 3 per class: frame green = correct, red = wrong; bars = top-3 probabilities."),
+    ("filters", "All first-layer filters (each scaled to its own range)."),
+    ("feature_maps", "First-layer feature maps of one test image."),
+    ("guided_backprop", "CONV5 neurons: the test image exciting each most, and the guided backprop of that neuron."),
+    ("confusion", "Confusion matrix (rows = true class), per-class accuracy and the most confused pairs."),
+    ("mistakes", "Worst mistakes: the most confident wrong predictions."),
+]
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None or value == "":
+        return "–"
+    try:
+        return f"{float(value):,.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def runs_overview(runs: List[Run]) -> str:
+    """Every run given (sweep trials included), best validation accuracy first."""
+    rows = []
+    for r in sorted(runs, key=lambda r: -(r.val or -1)):
+        rows.append([r.name, r.model, r.get("act.name", "–"), r.get("filters.organisation", "–"),
+                     r.get("finetune.strategy", "none"), pct(r.val), pct(r.test_accuracy), r.summary.get("epochs", "–"),
+                     _num(r.summary.get("params")), _num(r.summary.get("wall_seconds"))])
+    return ("<h2>Runs</h2><p>Model selection uses validation accuracy (split from train/); test accuracy is "
+            "reported, never used to choose.</p>"
+            + table(["run", "model", "act", "filters", "finetune", "best val", "test", "epochs", "params", "wall s"],
+                    rows, numeric=(5, 6, 7, 8, 9)))
+
+
+def counts_section(run: Optional[Run]) -> str:
+    """Part A Q1: the closed-form parameter and multiply-add counts, and their values for the run."""
+    from types import SimpleNamespace
+
+    from inat.models.scratch import (FORMULA_MACS, FORMULA_PARAMS, Architecture, architecture_from_config,
+                                     count_macs, count_params)
+
+    out = ["<h2>Q1. The model and its closed-form counts</h2>",
+           "<p>5 blocks of conv (k×k, m filters, 'same' padding) → activation → 2×2 max-pool, then a dense layer "
+           "of n units and a 10-way output, on an H×W×3 input. Without batch norm and with m filters of k×k in every "
+           "layer:</p>",
+           table(["quantity", "closed form"], [["parameters", Raw(f"<code>{esc(FORMULA_PARAMS)}</code>")],
+                                               ["multiply-adds (one image)", Raw(f"<code>{esc(FORMULA_MACS)}</code>")]])]
+    if run is None:
+        out.append("<p class=\"note\">No scratch run among the inputs: values not computed.</p>")
+        return "".join(out)
+    model = SimpleNamespace(**{"kernel_size": 3, "dense_units": 128, "batch_norm": True, **run.config.get("model", {})})
+    filters = SimpleNamespace(**{"organisation": "same", "base": 32, "custom": None, **run.config.get("filters", {})})
+    size = int(run.get("data.image_size", 96))
+    classes = run.summary.get("classes") or (run.test or {}).get("classes") or list(range(10))
+    arch = architecture_from_config(model, num_classes=len(classes), image_size=size, filters=filters)
+    m, n = int(filters.base), arch.dense_units
+    k = arch.kernels[0]
+    textbook = Architecture((m,) * 5, (k,) * 5, n, 10, size, size, False)
+    rows = [["formula above with m, k, n, H, W of the run", f"m={m}, k={k}, n={n}, H=W={size}",
+             _num(count_params(textbook)), _num(count_macs(textbook))],
+            [f"the run as built ({filters.organisation} filters {list(arch.channels)}, kernels {list(arch.kernels)}, "
+             f"batch norm {arch.batch_norm}, {len(classes)} classes)", "closed form (count_params, count_macs)",
+             _num(count_params(arch)), _num(count_macs(arch))]]
+    if run.summary.get("params") is not None:
+        rows.append(["the run as built", "measured: sum of numel() (summary.json)", _num(run.summary["params"]), "–"])
+    if run.info:
+        rows.append(["info.json", "", _num(run.info.get("params")), _num(run.info.get("macs"))])
+    out.append(f"<p>Values for run <b>{esc(run.name)}</b>:</p>")
+    out.append(table(["what", "how", "parameters", "multiply-adds"], rows, numeric=(2, 3)))
+    return "".join(out)
+
+
+def _plot_order(sweep: Sweep) -> List[Path]:
+    """PNG files of a sweep: those named in sweep_report.json first (in its order), then the rest."""
+    named: List[str] = []
+    plots = sweep.report.get("plots")
+    if isinstance(plots, dict):
+        named = [str(v) for v in plots.values()]
+    elif isinstance(plots, list):
+        named = [str(p.get("file", p.get("path", "")) if isinstance(p, dict) else p) for p in plots]
+    by_name = {p.name: p for p in sweep.pngs}
+    ordered = [by_name[Path(n).name] for n in named if Path(n).name in by_name]
+    return ordered + [p for p in sweep.pngs if p not in ordered]
+
+
+def sweeps_section(sweeps: List[Sweep]) -> str:
+    """Part A Q2-Q3: per sweep, the searched space, its plots, the observations and the best trial."""
+    out = ["<h2>Q2–Q3. Hyperparameter sweeps</h2>"]
+    if not sweeps:
+        out.append("<p class=\"note\">No sweep folder among the inputs.</p>")
+        return "".join(out)
+    for sweep in sweeps:
+        done = [r for r in sweep.runs if r.val is not None]
+        out.append(f"<h3>Sweep {esc(sweep.path.name)}: {len(sweep.runs)} trials ({len(done)} finished)</h3>")
+        if sweep.command:
+            out.append(f"<p>Command: <code>{esc(sweep.command)}</code></p>")
+        if sweep.space:
+            out.append("<p>Searched space:</p>" + table(["parameter", "values / distribution"],
+                                                         [[k, v] for k, v in sweep.space.items()]))
+        for png in _plot_order(sweep):
+            out.append(figure(png, f"{sweep.path.name}/{png.name}"))
+        obs = sweep.report.get("observations") or []
+        if obs:
+            items = "".join(f"<li>{esc(o if isinstance(o, str) else o.get('text', o))}</li>" for o in obs)
+            out.append(f"<p>Observations (from the sweep's data):</p><ul>{items}</ul>")
+        best = sweep.report.get("best_config") or sweep.report.get("best")
+        if best:
+            out.append("<p>Best configuration (sweep report):</p>" + pre_json(best))
+        top = sorted(done, key=lambda r: -r.val)[:10]
+        if top:
+            out.append("<p>Top trials by validation accuracy:</p>" + table(
+                ["trial", "overrides", "best val", "epochs"],
+                [[r.path.name, " ".join(r.overrides), pct(r.val), r.summary.get("epochs", "–")] for r in top],
+                numeric=(2, 3)))
+    return "".join(out)
+
+
+def best_model_section(run: Optional[Run], explained: Optional[Dict[str, Any]], explain_dir: Optional[Path],
+                       curves: Optional[bytes]) -> str:
+    """Part A Q4: the best run's test accuracy and its explanation figures."""
+    out = ["<h2>Q4. Best model on the test set</h2>"]
+    if run is None:
+        out.append("<p class=\"note\">No finished scratch run among the inputs.</p>")
+        return "".join(out)
+    test = run.test_accuracy
+    source = "test.json of the run (+mode=test)"
+    if test is None and explained and explained.get("test_accuracy") is not None:
+        test, source = explained["test_accuracy"], "scored by explain for this report"
+    n = (run.test or {}).get("n") or (explained or {}).get("n")
+    out.append(f"<p>Best run by validation accuracy: <b>{esc(run.name)}</b> (best val {pct(run.val)}).</p>")
+    out.append(f"<p>Test accuracy: <span class=\"key\" id=\"test-accuracy\">{pct(test)}</span> "
+               f"on {esc(n or '?')} test images <span class=\"note\">({esc(source)})</span></p>")
+    per_class = (run.test or {}).get("per_class_accuracy") or ((explained or {}).get("confusion") or {}).get("per_class_accuracy")
+    if per_class:
+        out.append(table(["class", "test accuracy"], [[c, pct(a)] for c, a in per_class.items()], numeric=(1,)))
+    if curves:
+        out.append(figure(curves, f"Learning curves of {run.name} (metrics.csv)"))
+    if explained and explain_dir is not None:
+        for key, caption in EXPLAIN_FIGURES:
+            name = explained.get("figures", {}).get(key)
+            if name and (explain_dir / name).is_file():
+                out.append(f"<h3>{esc(key.replace('_', ' '))}</h3>" + figure(explain_dir / name, caption))
+        pairs = (explained.get("confusion") or {}).get("confused_pairs") or []
+        if pairs:
+            out.append("<p>Most confused pairs:</p>" + table(
+                ["true", "predicted as", "images", "share of the true class"],
+                [[p["true"], p["pred"], p["count"], pct(p["share_of_true"])] for p in pairs], numeric=(2, 3)))
+    else:
+        out.append("<p class=\"note\">No explanation figures (report.explain=false or no best.pt).</p>")
+    return "".join(out)
+
+
+def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Optional[bytes]) -> str:
+    """Part B: fine-tuning strategies, and scratch against the best fine-tuned run."""
+    tuned = [r for r in runs if not r.is_scratch]
+    out = ["<h2>Part B. Fine-tuning a pretrained model</h2>"]
+    if not tuned:
+        out.append("<p class=\"note\">No fine-tuning run (model.name other than scratch) among the inputs.</p>")
+        return "".join(out)
+    rows = []
+    for r in sorted(tuned, key=lambda r: -(r.val or -1)):
+        strategy = r.get("finetune.strategy", "none")
+        k = r.get("finetune.k") if strategy == "partial" else ""
+        rows.append([r.name, r.model, strategy, k, pct(r.val), pct(r.test_accuracy), r.summary.get("epochs", "–"),
+                     _num(r.summary.get("wall_seconds")), _num(r.summary.get("train_images_per_sec"))])
+    out.append("<p>Strategies (config <code>finetune.strategy</code>):</p>")
+    out.append(table(["run", "model", "strategy", "k", "best val", "test", "epochs", "wall s", "train img/s"], rows,
+                     numeric=(4, 5, 6, 7, 8)))
+    best_tuned = max((r for r in tuned if r.val is not None), key=lambda r: r.val, default=None)
+    if best_tuned is not None and scratch_best is not None:
+        rows = [[f"scratch ({scratch_best.name})", pct(scratch_best.val), pct(scratch_best.test_accuracy),
+                 _num(scratch_best.summary.get("params")), _num(scratch_best.summary.get("wall_seconds"))],
+                [f"fine-tuned {best_tuned.model}, {best_tuned.get('finetune.strategy')} ({best_tuned.name})",
+                 pct(best_tuned.val), pct(best_tuned.test_accuracy), _num(best_tuned.summary.get("params")),
+                 _num(best_tuned.summary.get("wall_seconds"))]]
+        out.append("<p>Scratch against fine-tuning (best of each by validation accuracy):</p>")
+        out.append(table(["model", "best val", "test", "params", "wall s"], rows, numeric=(1, 2, 3, 4)))
+        if best_tuned.val is not None and scratch_best.val is not None:
+            gap = 100 * (best_tuned.val - scratch_best.val)
+            out.append(f"<p>Fine-tuning is {abs(gap):.1f} points {'above' if gap >= 0 else 'below'} scratch "
+                       f"on validation accuracy.</p>")
+    if chart:
+        out.append(figure(chart, "Best validation and test accuracy per run"))
+    return "".join(out)
+
+
+def provenance_section(rows: List[Dict[str, Any]], machine: Dict[str, str], sweeps: List[Sweep]) -> str:
+    """Which command, data root, seeds, versions and hardware produced each number."""
+    body = []
+    for p in rows:
+        env = p["env"]
+        seeds = ", ".join(f"{k}={v}" for k, v in p["seeds"].items())
+        body.append([p["run"], Raw(f"<code>{esc(p['command'])}</code>"), p["data_root"], seeds,
+                     f"python {env['python']}, torch {env['torch']}",
+                     f"{env.get('device', '?')}; CPU {env['cpu']}; GPU {env['gpu']}"])
+    out = ["<h2>Provenance</h2>",
+           "<p>Every number above comes from the run folders listed here. Values marked "
+           "\"(report machine)\" were not recorded by the run and are those of the machine that built this report.</p>",
+           table(["run", "command", "data root", "seeds", "versions", "hardware"], body)]
+    for s in sweeps:
+        if s.command:
+            out.append(f"<p>Sweep {esc(s.path.name)}: <code>{esc(s.command)}</code></p>")
+    out.append("<p>Report machine: " + esc(", ".join(f"{k} {v}" for k, v in machine.items())) + "</p>")
+    return "".join(out)

@@ -1,0 +1,138 @@
+"""The HTML report from fake run and sweep folders, checked in headless Chromium."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from test_explain import CLASSES, REPO, make_checkpoint, make_dataset
+
+
+def _write_run(path: Path, config: dict, overrides: list, val: float, test: float | None = None,
+               epochs: int = 3) -> Path:
+    """A run folder as the training loop writes it (summary, metrics, .hydra, optional test.json)."""
+    (path / ".hydra").mkdir(parents=True, exist_ok=True)
+    (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    (path / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    rows = [{"epoch": e + 1, "train_loss": 2.0 - 0.3 * e, "train_accuracy": val * (e + 1) / epochs,
+             "val_loss": 2.1 - 0.3 * e, "val_accuracy": val * (e + 1) / epochs, "lr": 1e-3, "seconds": 10.0 * (e + 1)}
+            for e in range(epochs)]
+    with open(path / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"best_val_accuracy": val, "val_accuracy": val, "epochs": epochs, "train_images_per_sec": 123.4,
+               "wall_seconds": 42.0, "params": 1234, "model": config["model"]["name"], "classes": CLASSES,
+               "device": "cpu", "world_size": 1, "config": config}
+    (path / "summary.json").write_text(json.dumps(summary))
+    if test is not None:
+        (path / "test").mkdir(exist_ok=True)
+        (path / "test" / "test.json").write_text(json.dumps({
+            "accuracy": test, "n": 12, "classes": CLASSES, "per_class_accuracy": {c: test for c in CLASSES},
+            "confusion_matrix": [[4, 0, 0], [0, 4, 0], [0, 0, 4]], "ckpt": str(path / "checkpoints" / "best.pt")}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A scratch run with a checkpoint and test.json, a 2-trial sweep with plots, a fine-tuning run."""
+    base = tmp_path_factory.mktemp("report")
+    root = make_dataset(base / "data")
+    ckpt = make_checkpoint(base / "runs" / "scratch_run" / "checkpoints" / "best.pt", root)
+    config = __import__("torch").load(ckpt, weights_only=False)["config"]
+    scratch = _write_run(base / "runs" / "scratch_run", config, [f"data.root={root}", "act=mish"], 0.61, 0.4734)
+
+    sweep = base / "sweeps" / "2026-01-01_00-00-00"
+    for i, (val, act) in enumerate([(0.40, "relu"), (0.55, "gelu")]):
+        trial_cfg = json.loads(json.dumps(config))
+        trial_cfg["act"]["name"] = act
+        _write_run(sweep / str(i), trial_cfg, [f"act={act}", "filters.base=8"], val)
+    (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": {
+        "sweeper": {"params": {"act": "choice(relu,gelu,mish)", "filters.base": "choice(8,16)"}},
+        "overrides": {"task": [f"data.root={root}"]}}})))
+    rng = np.random.default_rng(0)
+    for name in ("accuracy_vs_created.png", "parallel_coordinates.png", "correlation.png"):
+        Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(sweep / name)
+    (sweep / "sweep_report.json").write_text(json.dumps({
+        "plots": {"accuracy_vs_created": "accuracy_vs_created.png", "parallel": "parallel_coordinates.png",
+                  "correlation": "correlation.png"},
+        "observations": ["GELU beat ReLU by 15.0 points of validation accuracy."],
+        "best_config": {"act": "gelu", "filters.base": 8}}))
+
+    tuned_cfg = json.loads(json.dumps(config))
+    tuned_cfg["model"]["name"] = "resnet50"
+    tuned_cfg["finetune"].update(strategy="partial", k=3)
+    tuned = _write_run(base / "runs" / "tuned_run", tuned_cfg, ["model=resnet50", "finetune=partial", "finetune.k=3"],
+                       0.88, 0.8612)
+    return base, scratch, sweep, tuned
+
+
+def test_report_sections_and_numbers(inputs, tmp_path):
+    from inat.report import build_report
+
+    base, scratch, sweep, tuned = inputs
+    out = tmp_path / "report.html"
+    result = build_report([str(scratch), str(sweep), str(tuned)], out, tmp_path / "work")
+    text = out.read_text()
+    assert result["best_run"] == "scratch_run" and result["runs"] == 4 and result["sweeps"] == 1
+    assert result["test_accuracy"] == pytest.approx(0.4734)
+    for needle in ("47.3%", "61.0%", "86.1%", "88.0%", "55.0%", "GELU beat ReLU", "choice(relu,gelu,mish)",
+                   "partial", "resnet50", "(3k^2 m + m)", "python run.py", "act=mish", "torch", "Provenance"):
+        assert needle in text, needle
+    assert "27.0 points above scratch" in text  # 88.0 - 61.0 on validation accuracy
+    # Self-contained: every image inline, no external scripts, styles or fetches.
+    srcs = re.findall(r'<img[^>]*src="([^"]{0,40})', text)
+    assert len(srcs) >= 3 + 6 + 2 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r'(src|href)="(https?:)?//', text) and "<link" not in text
+    assert (tmp_path / "work" / "explain" / "scratch_run" / "explain.json").is_file()  # inputs only read
+    assert not (scratch / "explain").exists()
+
+
+def test_report_without_explain_and_bad_inputs(inputs, tmp_path):
+    from inat.errors import InatError
+    from inat.report import build_report
+
+    base, scratch, sweep, tuned = inputs
+    out = tmp_path / "r.html"
+    result = build_report([str(sweep)], out, tmp_path, explain=False)
+    assert result["best_run"].endswith("/1") and result["test_accuracy"] is None
+    assert "No fine-tuning run" in out.read_text()
+    with pytest.raises(InatError, match="not a folder"):
+        build_report([str(tmp_path / "nope")], out, tmp_path)
+    with pytest.raises(InatError, match="neither a run folder"):
+        build_report([str(tmp_path)], out, tmp_path)
+    with pytest.raises(InatError, match="empty"):
+        build_report([], out, tmp_path)
+
+
+def test_report_in_headless_chromium(inputs, tmp_path):
+    """The command as typed, then the page in a real browser: all images load, key numbers visible."""
+    from inat.report.browser import INSTALL_HINT, dump_dom, find_chromium, screenshot
+
+    if find_chromium() is None:
+        pytest.fail(f"Chromium is needed to check the report in a real browser: {INSTALL_HINT}.")
+    base, scratch, sweep, tuned = inputs
+    out = tmp_path / "report.html"
+    proc = subprocess.run([sys.executable, "run.py", "+mode=report", f"report.inputs=[{scratch},{sweep},{tuned}]",
+                           f"report.out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "test 47.3%" in proc.stdout
+    dom = dump_dom(out)
+    total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
+    assert total == out.read_text().count("<img ") and total >= 11
+    assert f'data-images-loaded="{total}"' in dom and 'data-images-ok="true"' in dom
+    assert re.search(r'id="test-accuracy"[^>]*>47\.3%<', dom)
+    assert "86.1%" in dom and "GELU beat ReLU" in dom
+    png = screenshot(out, tmp_path / "shot.png", width=900, height=700)
+    with Image.open(png) as img:
+        assert img.size == (900, 700)
+        assert np.asarray(img.convert("L")).std() > 5  # not a blank page
