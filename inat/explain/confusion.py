@@ -51,8 +51,8 @@ def draw_confusion(scores, out_matrix: Path, out_mistakes: Path) -> Dict:
     acc = per_class_accuracy(cm)
     pairs = confused_pairs(cm, scores.classes)
 
-    fig = plt.figure(figsize=(13, 5.5))
-    gs = fig.add_gridspec(1, 3, width_ratios=[1.25, 0.8, 0.9], wspace=0.6)
+    fig = plt.figure(figsize=(15, 5.5))
+    gs = fig.add_gridspec(1, 3, width_ratios=[1.25, 0.7, 0.7], wspace=1.0)  # room for the long pair labels
     ax = fig.add_subplot(gs[0])
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # row-normalised: readable with unequal classes

@@ -57,8 +57,10 @@ def draw_grid(scores, out: Path, per_class: int = 3, pick: str = "random", seed:
 
     rows = pick_examples(scores.labels, scores.probs, per_class, pick, seed)
     n_rows = len(rows)
-    fig = plt.figure(figsize=(3.7 * per_class, 1.75 * n_rows))
-    gs = fig.add_gridspec(n_rows, 2 * per_class, width_ratios=[1.0, 1.1] * per_class, wspace=0.15, hspace=0.45)
+    height = 1.75 * n_rows + 0.5
+    fig = plt.figure(figsize=(3.7 * per_class, height))
+    gs = fig.add_gridspec(n_rows, 2 * per_class, width_ratios=[1.0, 1.1] * per_class, wspace=0.08, hspace=0.45,
+                          left=0.04, right=0.99, bottom=0.01, top=1 - 0.55 / height)
     shown = []
     for r, indices in enumerate(rows):
         for c in range(per_class):
@@ -82,21 +84,23 @@ def draw_grid(scores, out: Path, per_class: int = 3, pick: str = "random", seed:
                 s.set_edgecolor(GREEN if ok else RED)
                 s.set_linewidth(3.5)
             mark = "✓" if ok else "✗"
-            ax_img.set_title(f"{mark} {_short(scores.classes[pred])} {100 * p[pred]:.0f}%", fontsize=7,
+            ax_img.set_title(f"{mark} {_short(scores.classes[pred], 18)} {100 * p[pred]:.0f}%", fontsize=7,
                              color=GREEN if ok else RED)
             top = np.argsort(-p, kind="stable")[:3]
-            ax_bar.barh(range(len(top))[::-1], p[top], color=[GREEN if t == true else GREY for t in top], height=0.7)
-            ax_bar.set_yticks(list(range(len(top))[::-1]))
-            ax_bar.set_yticklabels([_short(scores.classes[t], 11) for t in top], fontsize=6)
-            ax_bar.yaxis.tick_right()
+            ys = list(range(len(top)))[::-1]  # most probable on top
+            ax_bar.barh(ys, p[top], color=[GREEN if t == true else GREY for t in top], height=0.75, alpha=0.85)
+            for y, t in zip(ys, top):  # labels inside the panel, so they never spill into the next cell
+                ax_bar.text(0.02, y, f"{_short(scores.classes[t], 18)} {100 * p[t]:.0f}%", va="center", fontsize=6)
             ax_bar.set_xlim(0, 1)
-            ax_bar.set_xticks([0, 0.5, 1])
-            ax_bar.tick_params(axis="x", labelsize=5)
-            for s in ("top", "left"):
+            ax_bar.set_ylim(-0.6, len(top) - 0.4)
+            ax_bar.set_xticks([])
+            ax_bar.set_yticks([])
+            for s in ("top", "right", "left"):
                 ax_bar.spines[s].set_visible(False)
             shown.append({"image": str(scores.paths[i]), "true": scores.classes[true], "pred": scores.classes[pred],
                           "confidence": float(p[pred]), "correct": bool(ok)})
-    fig.suptitle(f"Test predictions ({pick}, seed {seed}): frame green = correct, red = wrong; bars = top-3", fontsize=9)
+    fig.suptitle(f"Test predictions ({pick}, seed {seed}): frame green = correct, red = wrong; bars = top-3 "
+                 f"(green = true class)", fontsize=9, y=1 - 0.1 / height)
     fig.savefig(out, dpi=70, bbox_inches="tight")
     plt.close(fig)
     return {"pick": pick, "seed": seed, "images": shown}

@@ -156,7 +156,7 @@ def draw_guided_backprop(model: InatModel, spec: ModelSpec, scores, out: Path, n
     best = [int(scores.conv5_max[:, c].argmax()) for c in chosen]  # image index per neuron
     x = normalise(scores.images[best], spec)  # (n, 3, S, S)
     grads = torch.cat([neuron_guided_gradient(model, x[i:i + 1], c) for i, c in enumerate(chosen)])
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(4.2, 2.1 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(4.2, 2.1 * len(chosen) + 0.45), squeeze=False)
     rows = []
     for r, (c, i) in enumerate(zip(chosen, best)):
         act = float(scores.conv5_max[i, c])
@@ -168,8 +168,8 @@ def draw_guided_backprop(model: InatModel, spec: ModelSpec, scores, out: Path, n
             ax.set_xticks([])
             ax.set_yticks([])
         rows.append({"neuron": c, "image": str(scores.paths[i]), "activation": act})
-    fig.suptitle("CONV5 neurons: most exciting test image and guided backprop", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("CONV5 neurons: the test image\nexciting each most, guided backprop", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.1 * len(chosen) + 0.45)))  # leave the suptitle its own band
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return {"neurons": rows}
