@@ -1,0 +1,1 @@
+"""Hydra plugin glue so `conf/hydra/sweeper/optuna.yaml` is the `optuna` sweeper preset."""

@@ -1,0 +1,310 @@
+"""Numbers behind the sweep report: a trial table, correlations, Optuna importance, observations.
+
+Everything is computed from the trial folders (and the Optuna study when it can be opened);
+observations are sentences generated from those numbers, each carrying its evidence.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from inat.sweep.trials import Trial, read_sweep
+
+# Keys a trial sets that are not hyperparameters (never shown as searched dimensions).
+NOT_PARAMS = ("wandb.", "hydra.", "sweep.", "data.root", "data.workers", "data.cache_dir", "train.threads")
+
+
+def parse_value(text: str) -> Any:
+    """An override's value as Python: true/false, int, float, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip().strip("'\"")
+
+
+@dataclass
+class Row:
+    """One trial as the report sees it."""
+
+    number: int
+    state: str  # complete | pruned | budget | running
+    params: Dict[str, Any]
+    val_accuracy: Optional[float]
+    val_loss: Optional[float]
+    epochs: int
+    train_seconds: float
+    started: Optional[dt.datetime]
+    stop_reason: str
+    path: str
+
+
+@dataclass
+class SweepData:
+    """A sweep folder read for reporting."""
+
+    sweep_dir: Path
+    info: Dict[str, Any]
+    rows: List[Row]
+    param_names: List[str]
+    fixed: Dict[str, str]
+    study: Any = None
+    study_error: Optional[str] = None
+    epochs_planned: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trained(self) -> List[Row]:
+        """Trials that trained and finished (complete or pruned): what statistics use."""
+        return [r for r in self.rows if r.state in ("complete", "pruned") and r.val_accuracy is not None]
+
+
+def _state(t: Trial) -> str:
+    if not t.finished:
+        return "running"
+    if t.budget_stopped:
+        return "budget"
+    return "pruned" if t.pruned else "complete"
+
+
+def open_study(info: Dict[str, Any], storage: Optional[str] = None, study_name: Optional[str] = None) -> Any:
+    """The sweep's Optuna study from ``storage`` (or sweep.json's), None when none is recorded."""
+    import optuna
+
+    url = storage or info.get("storage")
+    if not url:
+        return None
+    if "***" in url:
+        raise ValueError("the storage URL in sweep.json hides its password; pass sweep.storage=URL")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=study_name or info.get("study_name"), storage=url)
+
+
+def load_sweep(sweep_dir: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> SweepData:
+    """Read trial folders, ``sweep.json`` and (if reachable) the study into a ``SweepData``."""
+    sweep_dir = Path(sweep_dir)
+    info_path = sweep_dir / "sweep.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    trials = read_sweep(sweep_dir)
+    study, error = None, None
+    try:
+        study = open_study(info, storage, study_name)
+    except Exception as err:  # noqa: BLE001 - the folders alone still make a report
+        error = f"{type(err).__name__}: {err}"
+    started = {}
+    if study is not None:
+        started = {t.number: t.datetime_start for t in study.get_trials(deepcopy=False)}
+    searched = list(info.get("params", {}))
+    if not searched:  # no sweep.json: the keys whose override differs between trials
+        keys = {k for t in trials for k in t.overrides}
+        searched = sorted(k for k in keys if len({t.overrides.get(k) for t in trials}) > 1)
+    names = [k for k in searched if not k.startswith(NOT_PARAMS)]
+    fixed: Dict[str, str] = {}
+    for t in trials:
+        for k, v in t.overrides.items():
+            if k not in names:
+                fixed.setdefault(k, v)
+    rows = []
+    for t in trials:
+        when = started.get(t.number)
+        overrides_file = t.path / ".hydra" / "overrides.yaml"
+        if when is None and overrides_file.is_file():  # written by Hydra as the job starts
+            when = dt.datetime.fromtimestamp(overrides_file.stat().st_mtime)
+        summary = t.summary or {}
+        rows.append(Row(t.number, _state(t), {k: parse_value(t.overrides[k]) for k in names if k in t.overrides},
+                        t.best_val_accuracy if t.curve or summary else None, t.best_val_loss(), t.epochs,
+                        float(summary.get("train_seconds", t.curve[-1]["seconds"] if t.curve else 0.0)), when,
+                        t.stop_reason, str(t.path)))
+    planned = None
+    for t in trials:
+        cfg = (t.summary or {}).get("config") or {}
+        if cfg.get("train", {}).get("epochs"):
+            planned = int(cfg["train"]["epochs"])
+            break
+    return SweepData(sweep_dir, info, rows, names, fixed, study, error, planned)
+
+
+def ranks(values: Sequence[float]) -> np.ndarray:
+    """Average ranks (ties share their mean rank), for Spearman's rho."""
+    x = np.asarray(values, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        same = x == v
+        r[same] = r[same].mean()
+    return r
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Spearman's rank correlation, None when either side is constant or too short."""
+    if len(x) < 3:
+        return None
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def correlation_ratio(groups: Sequence[str], y: Sequence[float]) -> Optional[float]:
+    """Eta: share of y's spread explained by a categorical (0..1, no sign)."""
+    y = np.asarray(y, dtype=float)
+    if len(y) < 3 or y.std() == 0:
+        return None
+    total = ((y - y.mean()) ** 2).sum()
+    between = sum(len(y[[g == k for g in groups]]) * (y[[g == k for g in groups]].mean() - y.mean()) ** 2
+                  for k in set(groups))
+    return float(math.sqrt(between / total))
+
+
+def is_numeric(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def correlations(data: SweepData) -> List[Dict[str, Any]]:
+    """Per hyperparameter: association with val accuracy and val loss, plus Optuna importance."""
+    rows = [r for r in data.trained if r.val_loss is not None]
+    importance, importance_note = param_importance(data)
+    out = []
+    for name in data.param_names:
+        have = [r for r in rows if name in r.params]
+        values = [r.params[name] for r in have]
+        acc = [r.val_accuracy for r in have]
+        loss = [r.val_loss for r in have]
+        levels = sorted({str(v) for v in values})
+        if is_numeric(values) and len(levels) > 2:
+            kind = "spearman"
+            with_acc, with_loss = spearman(values, acc), spearman(values, loss)
+        elif len(levels) == 2:  # two levels: signed, "rises when the 2nd level is used"
+            kind = f"spearman ({levels[0]}=0, {levels[1]}=1)"
+            codes = [float(str(v) == levels[1]) for v in values]
+            with_acc, with_loss = spearman(codes, acc), spearman(codes, loss)
+        else:
+            kind = "eta (no sign)"
+            with_acc = correlation_ratio([str(v) for v in values], acc)
+            with_loss = correlation_ratio([str(v) for v in values], loss)
+        out.append({"param": name, "kind": kind, "n": len(have), "val_accuracy": with_acc, "val_loss": with_loss,
+                    "importance": importance.get(name)})
+    if importance_note:
+        for row in out:
+            row["importance_note"] = importance_note
+    return out
+
+
+def param_importance(data: SweepData) -> tuple[Dict[str, float], Optional[str]]:
+    """``optuna.importance.get_param_importances`` on the study, else on a study rebuilt from folders."""
+    import optuna
+
+    study = data.study
+    note = None
+    try:
+        if study is None:
+            study, note = study_from_folders(data), "study rebuilt from trial folders (" + (data.study_error or "no storage") + ")"
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(complete) < 2:
+            return {}, "fewer than 2 complete trials: no importance"
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}, note
+    except Exception as err:  # noqa: BLE001 - importance is a bonus (it needs scikit-learn)
+        return {}, f"Optuna importance unavailable: {type(err).__name__}: {err}"
+
+
+def study_from_folders(data: SweepData) -> Any:
+    """An in-memory study holding the complete trials read from the folders."""
+    import warnings
+
+    import optuna
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = data.info.get("params") or {}
+    distributions, _ = create_params_from_overrides([f"{k}={v}" for k, v in space.items()])
+    study = optuna.create_study(direction="maximize")
+    for r in data.rows:
+        if r.state != "complete" or r.val_accuracy is None:
+            continue
+        params = {k: v for k, v in r.params.items() if k in distributions}
+        dists = {k: distributions[k] for k in params}
+        try:
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r.val_accuracy))
+        except ValueError:  # a value outside the recorded space (e.g. a pinned key): skip the trial
+            continue
+    return study
+
+
+def best_row(data: SweepData) -> Optional[Row]:
+    """The complete trial with the highest validation accuracy (pruned ones trained less)."""
+    complete = [r for r in data.trained if r.state == "complete"]
+    return max(complete or data.trained, key=lambda r: r.val_accuracy, default=None)
+
+
+def reproduce_command(data: SweepData, row: Row) -> str:
+    """A single-run command that retrains the trial (sweep-only keys dropped)."""
+    skip = ("wandb.group", "hydra.", "sweep.")
+    parts = [f"{k}={v}" for k, v in data.fixed.items() if not k.startswith(skip)]
+    parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in row.params.items()]
+    return "python run.py " + " ".join(parts)
+
+
+def observations(data: SweepData, corr: List[Dict[str, Any]]) -> List[Dict[str, str]]:
+    """Sentences derived from the data, each with its evidence; strongest effects first."""
+    rows = data.trained
+    obs: List[Dict[str, Any]] = []
+    if not rows:
+        return [{"text": "No trial finished yet.", "evidence": f"{len(data.rows)} trial folders"}]
+    n_pruned = sum(r.state == "pruned" for r in rows)
+    note = f" (pruned trials count with the accuracy they had when stopped)" if n_pruned else ""
+    for name in data.param_names:
+        groups: Dict[str, List[float]] = {}
+        for r in rows:
+            if name in r.params:
+                groups.setdefault(str(r.params[name]), []).append(r.val_accuracy)
+        if len(groups) < 2 or len(groups) > 4 or any(len(v) < 2 for v in groups.values()):
+            continue
+        means = {k: float(np.mean(v)) for k, v in groups.items()}
+        hi, lo = max(means, key=means.get), min(means, key=means.get)
+        diff = 100 * (means[hi] - means[lo])
+        evidence = "; ".join(f"{name}={k}: mean {100 * means[k]:.1f}% over {len(groups[k])} trials"
+                             for k in sorted(groups, key=means.get, reverse=True))
+        obs.append({"score": diff, "text": f"{name}={hi}: {diff:+.1f} points mean val accuracy over "
+                    f"{len(groups[hi])} trials vs {name}={lo} ({len(groups[lo])} trials){note}.", "evidence": evidence})
+    for c in corr:
+        if (c["kind"] == "spearman" and c["val_accuracy"] is not None and c["n"] >= 5
+                and abs(c["val_accuracy"]) >= 0.3):
+            direction = "higher" if c["val_accuracy"] > 0 else "lower"
+            obs.append({"score": 10 * abs(c["val_accuracy"]),
+                        "text": f"Higher {c['param']} goes with {direction} val accuracy "
+                                f"(Spearman rho {c['val_accuracy']:+.2f} over {c['n']} trials).",
+                        "evidence": f"rank correlation of {c['param']} with best val accuracy per trial"})
+    obs.sort(key=lambda o: -o["score"])
+    best = best_row(data)
+    if best is not None:
+        ordered = sorted((r for r in rows if r.started), key=lambda r: r.started)
+        first = next((i for i, r in enumerate(ordered) if r.val_accuracy >= best.val_accuracy), None)
+        if first is not None:
+            obs.append({"score": 0, "text": f"The best val accuracy ({100 * best.val_accuracy:.1f}%, trial "
+                        f"{best.number}) was first reached by trial {first + 1} of {len(ordered)} in start order.",
+                        "evidence": "trials ordered by start time"})
+    if n_pruned and data.epochs_planned:
+        run = sum(r.epochs for r in rows)
+        planned = data.epochs_planned * len(rows)
+        mean_stop = np.mean([r.epochs for r in rows if r.state == "pruned"])
+        obs.append({"score": 0, "text": f"The median rule stopped {n_pruned} of {len(rows)} trials after "
+                    f"{mean_stop:.1f} of {data.epochs_planned} epochs on average: {planned - run} of {planned} "
+                    f"epochs ({100 * (planned - run) / planned:.0f}%) not trained.",
+                    "evidence": "epochs in each trial's metrics.csv vs train.epochs"})
+    budget = [r for r in data.rows if r.state == "budget"]
+    if budget:
+        obs.append({"score": 0, "text": f"The {data.info.get('budget_minutes', '?')}-minute sweep budget ended "
+                    f"the sweep: trial {budget[0].number} was not trained.", "evidence": budget[0].stop_reason})
+    return [{"text": o["text"], "evidence": o["evidence"]} for o in obs]

@@ -1,0 +1,176 @@
+"""``InatOptunaSweeper``: hydra-optuna-sweeper's sweeper with what our sweeps need on top.
+
+The plugin's ``sweep`` loop, rewritten around the same helpers, adds:
+
+- trial folders named by the Optuna trial number (``hydra.job.num`` = trial number), so any
+  number of workers sharing one study (PostgreSQL) can share one sweep folder without clashes;
+- ``wandb.group`` = the sweep folder's name for every trial (unless the command sets it);
+- per-epoch validation accuracy reported to Optuna, and trials the median rule stopped
+  (``summary.json`` stop_reason "pruned: ...") told as PRUNED, so TPE and ``best_trial``
+  only treat full-fidelity results as finished;
+- ``sweep.budget_minutes``: once that much time passed since the study's first trial
+  started, the next trial is not trained: it gets a run folder whose summary says
+  ``stop_reason: "budget: ..."`` (accuracy 0, the poor value), is told to Optuna as PRUNED,
+  and the worker stops asking for trials.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import OmegaConf
+
+from inat.runs import write_json
+from inat.sweep.trials import read_trial
+
+log = logging.getLogger(__name__)
+
+
+def sweep_started(study: Any) -> Optional[dt.datetime]:
+    """When the study's first trial started (shared by every worker), None for a new study."""
+    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start is not None]
+    return min(starts) if starts else None
+
+
+def budget_spent(study: Any, budget_minutes: float, now: Optional[dt.datetime] = None) -> bool:
+    """True when a positive budget has elapsed since the study's first trial started."""
+    if budget_minutes <= 0:
+        return False
+    start = sweep_started(study)
+    now = now or dt.datetime.now()
+    return start is not None and (now - start).total_seconds() >= budget_minutes * 60
+
+
+def hide_password(url: Optional[str]) -> Optional[str]:
+    """A storage URL safe to write into a folder: ``user:***@host`` instead of the password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url) if url else url
+
+
+def write_sweep_info(sweep_dir: Path, impl: Any, study_name: str, arguments: List[str], budget: float) -> None:
+    """``sweep.json``: what the report and the proxy promotion need (Optuna writes no multirun.yaml)."""
+    params = OmegaConf.to_container(impl.params, resolve=True) if impl.params is not None else {}
+    write_json(sweep_dir / "sweep.json", {"storage": hide_password(impl.storage), "study_name": study_name,
+                                          "params": params, "arguments": arguments,
+                                          "direction": impl._get_directions()[0], "budget_minutes": budget,
+                                          "sampler": type(impl.sampler).__name__})
+
+
+class InatOptunaSweeper(OptunaSweeper):
+    """The Optuna sweeper of ``conf/hydra/sweeper/optuna.yaml`` (same constructor as the plugin's)."""
+
+    def sweep(self, arguments: List[str]) -> None:
+        import optuna
+        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+        impl = self.sweeper
+        assert impl.config is not None and impl.launcher is not None
+        cfg = impl.config
+        sweep_dir = Path(cfg.hydra.sweep.dir)
+        # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+
+        impl._process_searchspace_config()
+        params_conf = impl._parse_sweeper_params_config() + list(arguments)
+        if not any(a.lstrip("+~").split("=", 1)[0] == "wandb.group" for a in params_conf):
+            params_conf.append(f"wandb.group={sweep_dir.name}")
+        distributions, fixed = create_params_from_overrides(params_conf)
+        if impl.search_space_distributions:
+            distributions = {**impl.search_space_distributions, **distributions}
+        for name in fixed:  # a pinned key leaves the search space
+            distributions.pop(name, None)
+        directions = impl._get_directions()
+        if len(directions) != 1:
+            raise ValueError("InatOptunaSweeper optimises one objective (validation accuracy); "
+                             f"got directions {directions}.")
+
+        study = optuna.create_study(study_name=impl.study_name, storage=impl.storage, sampler=impl.sampler,
+                                    directions=directions, load_if_exists=True)
+        log.info(f"Study {study.study_name} in {impl.storage} ({type(impl.sampler).__name__}, {directions[0]}); "
+                 f"trial folders in {sweep_dir}")
+        budget = float(OmegaConf.select(cfg, "sweep.budget_minutes", default=0.0) or 0.0)
+        write_sweep_info(sweep_dir, impl, study.study_name, list(arguments), budget)
+
+        to_go = int(impl.n_trials)
+        while to_go > 0:
+            if budget_spent(study, budget):
+                trial = study.ask()
+                self._mark_budget(study, trial, distributions, fixed, sweep_dir, budget)
+                log.info(f"Sweep budget of {budget:g} minutes spent: trial {trial.number} not trained; stopping.")
+                break
+            batch = [study.ask() for _ in range(min(to_go, max(1, int(impl.n_jobs))))]
+            overrides = impl._configure_trials(batch, distributions, fixed)
+            numbers = [t.number for t in batch]
+            if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+                groups = [(batch, overrides)]
+            else:  # another worker took numbers in between: launch one by one to keep folder = number
+                groups = [([t], [o]) for t, o in zip(batch, overrides)]
+            for trials, ovs in groups:
+                returns = impl.launcher.launch(ovs, initial_job_idx=trials[0].number)
+                self._tell(study, trials, returns, sweep_dir)
+            to_go -= len(batch)
+
+        self._save_results(study, sweep_dir)
+
+    def _tell(self, study: Any, trials: Sequence[Any], returns: Sequence[Any], sweep_dir: Path) -> None:
+        """Report each trial's curve, then tell COMPLETE / PRUNED / FAIL like the plugin does."""
+        import optuna
+
+        failures = []
+        for trial, ret in zip(trials, returns):
+            folder = sweep_dir / str(trial.number)
+            info = read_trial(folder) if folder.is_dir() else None
+            trial.set_user_attr("run_dir", str(folder))
+            try:
+                value = float(ret.return_value)  # raises the job's own exception when it failed
+            except Exception as err:  # noqa: BLE001 - any job failure is a FAIL trial
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                log.warning(f"Trial {trial.number} failed: {err}")
+                failures.append(err)
+                continue
+            if info is not None:
+                for row in info.curve:
+                    trial.report(float(row["val_accuracy"]), step=int(row["epoch"]))
+                trial.set_user_attr("stop_reason", info.stop_reason)
+            if info is not None and info.pruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, values=[value])
+        if failures and len(failures) / len(returns) > self.sweeper.max_failure_rate:
+            for ret in returns:
+                ret.return_value  # re-raise the first failure with its traceback, as the plugin does
+
+    def _mark_budget(self, study: Any, trial: Any, distributions: Dict[str, Any], fixed: Dict[str, Any],
+                     sweep_dir: Path, budget: float) -> None:
+        """A trial asked after the budget: a run folder saying so, accuracy 0, PRUNED in Optuna."""
+        import optuna
+
+        (overrides,) = self.sweeper._configure_trials([trial], distributions, fixed)
+        folder = sweep_dir / str(trial.number)
+        (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        reason = f"budget: sweep budget of {budget:g} minutes spent before this trial started"
+        write_json(folder / "summary.json", {"best_val_accuracy": 0.0, "val_accuracy": 0.0, "best_epoch": 0,
+                                             "epochs": 0, "stop_reason": reason, "train_seconds": 0.0,
+                                             "wall_seconds": 0.0})
+        trial.set_user_attr("stop_reason", reason)
+        trial.set_user_attr("run_dir", str(folder))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+    @staticmethod
+    def _save_results(study: Any, sweep_dir: Path) -> None:
+        """``optimization_results.yaml`` as the plugin writes it, when a trial completed."""
+        import optuna
+
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not complete:
+            log.info("No completed trial yet.")
+            return
+        best = study.best_trial
+        log.info(f"Best value {best.value} (trial {best.number}): {best.params}")
+        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
+                                         "best_trial": best.number}),
+                       sweep_dir / "optimization_results.yaml")
