@@ -164,6 +164,10 @@ class SweepConfig:
     prune_warmup_epochs: int = 1
     prune_min_trials: int = 3
     budget_minutes: float = 0.0  # stop launching trials after this much sweep time; 0 = off
+    # sweep_report / proxy promotion: where the study lives when sweep.json cannot say (a
+    # PostgreSQL URL is written there without its password); None = sweep.json's
+    storage: Optional[str] = None
+    study_name: Optional[str] = None
 
 
 @dataclass
