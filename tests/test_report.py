@@ -61,11 +61,13 @@ def inputs(tmp_path_factory):
     rng = np.random.default_rng(0)
     for name in ("accuracy_vs_created.png", "parallel_coordinates.png", "correlation.png"):
         Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(sweep / name)
-    (sweep / "sweep_report.json").write_text(json.dumps({
-        "plots": {"accuracy_vs_created": "accuracy_vs_created.png", "parallel": "parallel_coordinates.png",
-                  "correlation": "correlation.png"},
-        "observations": ["GELU beat ReLU by 15.0 points of validation accuracy."],
-        "best_config": {"act": "gelu", "filters.base": 8}}))
+    (sweep / "sweep_report.json").write_text(json.dumps({  # the keys inat.sweep.report writes
+        "files": {"progress": "accuracy_vs_created.png", "parallel": "parallel_coordinates.png",
+                  "html": "sweep_report.html"},
+        "observations": [{"text": "GELU beat ReLU by 15.0 points of validation accuracy.", "evidence": "2 trials"}],
+        "correlations": [{"param": "act", "kind": "categorical", "n": 2, "val_accuracy": 0.5, "val_loss": None,
+                          "importance": 0.7}],
+        "best": {"trial": 1, "val_accuracy": 0.55, "params": {"act": "gelu"}, "command": "python run.py act=gelu"}}))
 
     tuned_cfg = json.loads(json.dumps(config))
     tuned_cfg["model"]["name"] = "resnet50"
@@ -85,6 +87,7 @@ def test_report_sections_and_numbers(inputs, tmp_path):
     assert result["best_run"] == "scratch_run" and result["runs"] == 4 and result["sweeps"] == 1
     assert result["test_accuracy"] == pytest.approx(0.4734)
     for needle in ("47.3%", "61.0%", "86.1%", "88.0%", "55.0%", "GELU beat ReLU", "choice(relu,gelu,mish)",
+                   "(2 trials)", "python run.py act=gelu", "categorical",
                    "partial", "resnet50", "(3k^2 m + m)", "python run.py", "act=mish", "torch", "Provenance"):
         assert needle in text, needle
     assert "27.0 points above scratch" in text  # 88.0 - 61.0 on validation accuracy

@@ -81,11 +81,12 @@ def counts_section(run: Optional[Run]) -> str:
 def _plot_order(sweep: Sweep) -> List[Path]:
     """PNG files of a sweep: those named in sweep_report.json first (in its order), then the rest."""
     named: List[str] = []
-    plots = sweep.report.get("plots")
-    if isinstance(plots, dict):
-        named = [str(v) for v in plots.values()]
-    elif isinstance(plots, list):
-        named = [str(p.get("file", p.get("path", "")) if isinstance(p, dict) else p) for p in plots]
+    for key in ("files", "plots"):  # the sweep report names its figures under "files"
+        plots = sweep.report.get(key)
+        if isinstance(plots, dict):
+            named += [str(v) for v in plots.values()]
+        elif isinstance(plots, list):
+            named += [str(p.get("file", p.get("path", "")) if isinstance(p, dict) else p) for p in plots]
     by_name = {p.name: p for p in sweep.pngs}
     ordered = [by_name[Path(n).name] for n in named if Path(n).name in by_name]
     return ordered + [p for p in sweep.pngs if p not in ordered]
@@ -109,10 +110,25 @@ def sweeps_section(sweeps: List[Sweep]) -> str:
             out.append(figure(png, f"{sweep.path.name}/{png.name}"))
         obs = sweep.report.get("observations") or []
         if obs:
-            items = "".join(f"<li>{esc(o if isinstance(o, str) else o.get('text', o))}</li>" for o in obs)
-            out.append(f"<p>Observations (from the sweep's data):</p><ul>{items}</ul>")
+            items = []
+            for o in obs:
+                if isinstance(o, dict):
+                    evidence = f" <span class=\"note\">({esc(o['evidence'])})</span>" if o.get("evidence") else ""
+                    items.append(f"<li>{esc(o.get('text', o))}{evidence}</li>")
+                else:
+                    items.append(f"<li>{esc(o)}</li>")
+            out.append(f"<p>Observations (from the sweep's data):</p><ul>{''.join(items)}</ul>")
+        corr = sweep.report.get("correlations") or []
+        if corr and isinstance(corr[0], dict):
+            keys = [k for k in ("param", "kind", "n", "val_accuracy", "val_loss", "importance") if k in corr[0]]
+            out.append("<p>Parameter effects (sweep report):</p>" + table(
+                keys, [[_num(c.get(k), 3) if isinstance(c.get(k), float) else c.get(k, "") for k in keys] for c in corr]))
         best = sweep.report.get("best_config") or sweep.report.get("best")
         if best:
+            if isinstance(best, dict) and best.get("command"):
+                out.append(f"<p>Best trial: <code>{esc(best['command'])}</code>"
+                           + (f" (val {pct(best['val_accuracy'])})" if best.get("val_accuracy") is not None else "")
+                           + "</p>")
             out.append("<p>Best configuration (sweep report):</p>" + pre_json(best))
         top = sorted(done, key=lambda r: -r.val)[:10]
         if top:
