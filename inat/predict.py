@@ -125,7 +125,8 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
         raise InatError(f"predict.batch_size must be at least 1 (got {batch_size}).")
     paths = collect_images(inputs)
     if not paths:
-        raise InatError(f"No image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, inputs))}.")
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise InatError(f"No image files ({extensions}) found in {', '.join(map(str, inputs))}.")
     model, spec, classes = model_from_checkpoint(ckpt)
     k = min(top_k, len(classes))
     device = pick_device()

@@ -95,7 +95,8 @@ def test_jsonl_schema_and_the_checkpoints_preprocessing(setup, tmp_path):
         assert (r["class"], r["probability"]) == (r["top_k"][0]["class"], r["top_k"][0]["probability"])
     # the probabilities are the model's on the spec's preprocessing, decoded exactly as the run did
     model, spec, classes = model_from_checkpoint(ckpt)
-    x = to_float(torch.from_numpy(np.array(decode_image(image, spec.input_size, spec.interpolation)[None])), spec.mean, spec.std)
+    pixels = np.array(decode_image(image, spec.input_size, spec.interpolation))[None]  # (1, S, S, 3)
+    x = to_float(torch.from_numpy(pixels), spec.mean, spec.std)
     with torch.no_grad():
         expected = model(x).softmax(1)[0]
     got = {t["class"]: t["probability"] for t in records[0]["top_k"]}
