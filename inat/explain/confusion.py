@@ -94,7 +94,7 @@ def draw_confusion(scores, out_matrix: Path, out_mistakes: Path) -> Dict:
     worst = worst_mistakes(scores.labels, scores.probs)
     cols = 5
     rows = max(1, -(-len(worst) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows + 0.3), squeeze=False, layout="constrained")
     for a in axes.flat:
         a.axis("off")
     mistakes = []
@@ -109,7 +109,6 @@ def draw_confusion(scores, out_matrix: Path, out_mistakes: Path) -> Dict:
     if not worst:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle("Worst mistakes: the most confident wrong predictions", fontsize=9)
-    fig.tight_layout()
     fig.savefig(out_mistakes, dpi=80)
     plt.close(fig)
     return {
