@@ -10,8 +10,8 @@ same sweeper, so each promoted trial is a normal run folder and the sweep report
 
     python -m inat.sweep.proxy outputs/sweeps/proxy --top-k 3 --out outputs/sweeps/full -- data.image_size=96 train.epochs=30
 
-The proxy command's own overrides (data.root, pinned keys, ...) are carried over; the ones
-given after ``--`` replace them. ``promotion.json`` in the output folder maps each promoted
+The best proxy trial's other overrides (data.root, pinned keys, ...) are carried over; the
+ones given after ``--`` replace them. ``promotion.json`` in the output folder maps each promoted
 trial to its proxy trial and both accuracies.
 """
 from __future__ import annotations
@@ -65,8 +65,11 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
     Returns what it wrote to ``out_dir/promotion.json`` (the command, and per promoted trial
     its proxy trial, proxy value and, once run, full-fidelity value).
     """
+    import warnings
+
     import optuna
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # enqueue_trial
     proxy_dir, out_dir = Path(proxy_dir), Path(out_dir)
     info = json.loads((proxy_dir / "sweep.json").read_text()) if (proxy_dir / "sweep.json").is_file() else {}
     best = top_configs(proxy_dir, top_k, storage, study_name)
@@ -81,11 +84,12 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
         raise SystemExit(f"error: '{out_dir}' already holds a promotion study; pick a new --out folder.")
     for cfg in best:
         study.enqueue_trial(cfg["params"])
-    proxy_args = info.get("arguments")
-    if proxy_args is None:  # a sweep without sweep.json: the overrides every trial shared
-        from inat.sweep.analysis import load_sweep
+    # The best trial's own overrides, minus its searched keys: the exact command it ran under
+    # (sweep.json only keeps the last command given to a sweep folder).
+    from inat.sweep.trials import read_overrides
 
-        proxy_args = [f"{k}={v}" for k, v in load_sweep(proxy_dir, storage, study_name).fixed.items()]
+    searched = set(best[0]["params"])
+    proxy_args = [f"{k}={v}" for k, v in read_overrides(proxy_dir / str(best[0]["trial"])).items() if k not in searched]
     args = merge_overrides(proxy_args, full_args)
     command = [python, str(RUN_PY), "-m", "hydra/sweeper=optuna", f"hydra.sweep.dir={out_dir}",
                f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}", f"hydra.sweeper.n_trials={len(best)}",

@@ -1,0 +1,219 @@
+"""The Part A sweep end to end on a tiny generated dataset, plus the sweep helpers' units.
+
+One module-scoped sweep folder is built by real ``python run.py -m hydra/sweeper=optuna``
+commands: a good trial, then two deliberately bad ones (learning rate 1e-7) that the median
+rule must stop, then a command whose compute budget is already spent. The report, the
+proxy promotion and the wandb export then run on that folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Cheap pins: a small model keeps each trial to a few seconds on 2 CPUs.
+SMALL = ["data.image_size=32", "data.workers=1", "train.threads=1", "wandb.mode=disabled", "filters.base=16",
+         "model.kernel_size=3", "model.dense_units=64", "train.batch_size=8", "optim.warmup_epochs=0",
+         "train.eval_batch_size=64"]
+
+
+def make_dataset(root: Path, per_class: int = 20, size: int = 32) -> Path:
+    """Three solid-colour classes with noise: learnable in one epoch, chance is 1/3."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for split, n in (("train", per_class), ("val", 4)):
+        for name, colour in colours.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def run_py(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "INAT_CACHE": str(cache), "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, env) -> SimpleNamespace:
+    """A sweep folder: trial 0 good, trials 1-2 bad and pruned, trial 3 stopped by the budget."""
+    base = tmp_path_factory.mktemp("sweep")
+    data = make_dataset(base / "data")
+    sweep_dir = base / "woof_like"
+    common = ["-m", "hydra/sweeper=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={data}", "train.epochs=3",
+              "sweep.prune_warmup_epochs=0", "sweep.prune_min_trials=1", *SMALL]
+    first = run_py(*common, "hydra.sweeper.n_trials=1", "train.lr=0.01", env=env)
+    # Rerunning with the same sweep folder continues the study (SQLite in the folder).
+    bad = run_py(*common, "hydra.sweeper.n_trials=2", "train.lr=0.0000001", env=env)
+    budget = run_py(*common, "hydra.sweeper.n_trials=5", "sweep.budget_minutes=0.0001", env=env)
+    return SimpleNamespace(dir=sweep_dir, data=data, logs=(first, bad, budget), common=common)
+
+
+def load_study(sweep_dir: Path):
+    import optuna
+
+    return optuna.load_study(study_name="inat_part_a", storage=f"sqlite:///{sweep_dir}/optuna.db")
+
+
+def summary(sweep_dir: Path, n: int) -> dict:
+    return json.loads((sweep_dir / str(n) / "summary.json").read_text())
+
+
+def test_preset_is_ours_and_holds_the_part_a_space(env):
+    out = run_py("hydra/sweeper=optuna", "--cfg", "hydra", "-p", "hydra.sweeper", env=env).stdout
+    assert "hydra_plugins.inat_sweeper.optuna_sweeper.InatOptunaSweeper" in out
+    for key in ("filters: choice(same, doubling, halving)", "act: choice(relu, gelu, silu, mish)",
+                "aug: choice(none, basic)", "train.lr: tag(log, interval(", "train.batch_size: choice(32, 64, 128)",
+                "direction: maximize", "storage: sqlite:///${hydra.sweep.dir}/optuna.db", "seed: 0"):
+        assert key in out, key
+
+
+def test_median_rule_stops_the_bad_trials(sweep):
+    study = load_study(sweep.dir)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[0] == "COMPLETE" and summary(sweep.dir, 0)["epochs"] == 3
+    for n in (1, 2):
+        s = summary(sweep.dir, n)
+        assert s["stop_reason"].startswith("pruned"), s["stop_reason"]
+        assert s["epochs"] < 3
+        assert states[n] == "PRUNED"
+        assert study.trials[n].user_attrs["stop_reason"].startswith("pruned")
+
+
+def test_trials_are_normal_run_folders_grouped_in_wandb(sweep):
+    import yaml
+
+    for n in (0, 1, 2):
+        folder = sweep.dir / str(n)
+        assert (folder / "metrics.csv").is_file() and (folder / "checkpoints" / "best.pt").is_file()
+        cfg = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+        assert cfg["wandb"]["group"] == sweep.dir.name
+        assert not (folder / "test.json").exists()  # sweep trials never score the test folder
+    info = json.loads((sweep.dir / "sweep.json").read_text())
+    assert info["study_name"] == "inat_part_a" and "act" in info["params"]
+
+
+def test_budget_stops_trials_started_after_it(sweep):
+    study = load_study(sweep.dir)
+    assert len(study.trials) == 4  # the budget command asked one trial, then stopped asking
+    s = summary(sweep.dir, 3)
+    assert s["stop_reason"].startswith("budget:") and s["best_val_accuracy"] == 0.0 and s["epochs"] == 0
+    assert study.trials[3].state.name == "PRUNED"
+    assert not (sweep.dir / "3" / "metrics.csv").exists()  # not trained at all
+
+
+def test_sweep_report_files(sweep, env):
+    proc = run_py("+mode=sweep_report", f"sweep.dir={sweep.dir}", env=env)
+    report = json.loads((sweep.dir / "sweep_report.json").read_text())
+    for name in report["files"].values():
+        assert (sweep.dir / name).stat().st_size > 0, name
+    html = (sweep.dir / "sweep_report.html").read_text()
+    # plotly.js inline (its source only names a CDN as the default for geo maps we never draw)
+    assert "<script src=" not in html.replace(" ", "").replace("<script", "<script ") and "Plotly.newPlot" in html
+    assert not re.search(r"<script[^>]*\bsrc=", html)
+    assert report["trials"] == {"complete": 1, "pruned": 2, "budget": 1, "running": 0}
+    assert report["best"]["trial"] == 0
+    assert report["best"]["command"].startswith("python run.py ") and "train.lr=0.01" in report["best"]["command"]
+    assert {c["param"] for c in report["correlations"]} >= {"act", "filters", "model.batch_norm"}
+    texts = [o["text"] for o in report["observations"]]
+    assert any("median rule stopped 2 of 3 trials" in t for t in texts), texts
+    assert all(o["evidence"] for o in report["observations"])
+    assert "sweep report:" in proc.stdout
+    wandb_sweep = (sweep.dir / "wandb_sweep.yaml").read_text()
+    assert "log_uniform_values" in wandb_sweep and "${args_no_hyphens}" in wandb_sweep
+
+
+def test_promote_top_config_to_full_fidelity(sweep, tmp_path, env):
+    from inat.sweep.proxy import promote
+
+    out = tmp_path / "promoted"
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        record = promote(sweep.dir, out, 1, ["train.epochs=2"])
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    (p,) = record["promoted"]
+    assert p["proxy_trial"] == 0 and p["full_value"] is not None
+    assert summary(out, 0)["epochs"] == 2  # full fidelity, not the proxy's 3 (pruning off: 1 trial)
+    proxy_params = load_study(sweep.dir).trials[0].params
+    import optuna
+
+    promoted = optuna.load_study(study_name="inat_part_a_promoted", storage=f"sqlite:///{out}/optuna.db").trials[0]
+    assert {k: v for k, v in promoted.params.items() if k != "train.lr"} == {
+        k: v for k, v in proxy_params.items() if k != "train.lr"}
+    cfg_lr = summary(out, 0)["config"]["train"]["lr"]
+    assert cfg_lr == pytest.approx(0.01)  # the proxy's pinned lr is carried over
+
+
+# ---- units -------------------------------------------------------------------------------
+
+def write_trial(sweep_dir: Path, n: int, accs: list[float], finished: bool = True) -> Path:
+    from inat.runs import write_json, write_metrics
+
+    folder = sweep_dir / str(n)
+    folder.mkdir(parents=True)
+    write_metrics(folder / "metrics.csv", [{"epoch": e + 1, "val_accuracy": a, "val_loss": 1.0} for e, a in enumerate(accs)])
+    if finished:
+        write_json(folder / "summary.json", {"best_val_accuracy": max(accs), "stop_reason": "epochs"})
+    return folder
+
+
+def test_should_stop_median_rule(tmp_path):
+    from omegaconf import OmegaConf
+
+    from inat.sweep.prune import should_stop
+
+    cfg = OmegaConf.create({"sweep": {"prune": True, "prune_warmup_epochs": 1, "prune_min_trials": 2},
+                            "train": {"epochs": 5}})
+    write_trial(tmp_path, 0, [0.3, 0.5, 0.6])
+    me = write_trial(tmp_path, 9, [0.1], finished=False)
+    assert should_stop(cfg, me, {"epoch": 2, "val_accuracy": 0.1}) is None  # 1 finished trial < 2
+    write_trial(tmp_path, 1, [0.2, 0.3])
+    write_trial(tmp_path, 2, [0.2, 0.9, 0.9], finished=False)  # running: not evidence
+    assert should_stop(cfg, me, {"epoch": 1, "val_accuracy": 0.0}) is None  # warm-up epoch
+    reason = should_stop(cfg, me, {"epoch": 2, "val_accuracy": 0.35})  # median of 0.5, 0.3 = 0.4
+    assert reason and "below the median 40.0%" in reason
+    assert should_stop(cfg, me, {"epoch": 2, "val_accuracy": 0.4}) is None  # not strictly below
+    assert should_stop(cfg, me, {"epoch": 5, "val_accuracy": 0.0}) is None  # last epoch: nothing to save
+
+
+def test_helpers():
+    from inat.sweep.analysis import correlation_ratio, spearman
+    from inat.sweep.proxy import merge_overrides
+    from inat.sweep.sweeper import hide_password
+    from inat.sweep.wandb_export import preset_params, wandb_sweep_config
+
+    assert hide_password("postgresql://inat:secret@127.0.0.1:5432/inat") == "postgresql://inat:***@127.0.0.1:5432/inat"
+    assert hide_password("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    assert correlation_ratio(["a", "a", "b", "b"], [1, 1, 0, 0]) == pytest.approx(1.0)
+    assert merge_overrides(["data.root=d", "train.epochs=1", "wandb.group=x", "sweep.prune=true"],
+                           ["train.epochs=30"]) == ["data.root=d", "train.epochs=30"]
+    space = wandb_sweep_config(preset_params())["parameters"]
+    assert space["act"] == {"values": ["relu", "gelu", "silu", "mish"]}
+    assert space["model.batch_norm"] == {"values": [True, False]}
+    assert space["train.lr"]["distribution"] == "log_uniform_values"
