@@ -139,3 +139,13 @@ def test_report_in_headless_chromium(inputs, tmp_path):
     with Image.open(png) as img:
         assert img.size == (900, 700)
         assert np.asarray(img.convert("L")).std() > 5  # not a blank page
+
+
+def test_sweep_space_from_the_launch_file(tmp_path):
+    """Without a sweep report or multirun.yaml, the searched space comes from the sweep's sweep.json."""
+    from inat.report.collect import load_sweep
+
+    _write_run(tmp_path / "0", {"model": {"name": "scratch"}, "act": {"name": "relu"}}, ["act=relu"], 0.3)
+    (tmp_path / "sweep.json").write_text(json.dumps({"params": {"act": "choice(relu, gelu)"}}))
+    sweep = load_sweep(tmp_path)
+    assert sweep.space == {"act": "choice(relu, gelu)"} and [r.name for r in sweep.runs] == [f"{tmp_path.name}/0"]

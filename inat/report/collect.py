@@ -162,10 +162,11 @@ def load_sweep(path: Path) -> Sweep:
     runs = [load_run(p, sweep=path.name) for p in trials]
     report = _json(path / "sweep_report.json") or {}
     space, command = _space_from_multirun(_yaml(path / "multirun.yaml"))
-    for key in ("space", "search_space", "params"):
-        if isinstance(report.get(key), dict):
-            space = report[key]
-            break
+    launch = _json(path / "sweep.json") or {}  # written by the sweep when it starts: storage, study, params
+    for source in (report, launch):
+        for key in ("space", "search_space", "params"):
+            if not space and isinstance(source.get(key), dict):
+                space = source[key]
     pngs = sorted(path.glob("*.png"))
     return Sweep(path, runs, report, pngs, space, command or str(report.get("command", "")))
 

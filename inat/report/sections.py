@@ -198,6 +198,10 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
                  pct(best_tuned.val), pct(best_tuned.test_accuracy), _num(best_tuned.summary.get("params")),
                  _num(best_tuned.summary.get("wall_seconds"))]]
         out.append("<p>Scratch against fine-tuning (best of each by validation accuracy):</p>")
+        roots = {str(scratch_best.get("data.root")), str(best_tuned.get("data.root"))}
+        if len(roots) > 1:  # a cross-dataset gap says nothing about fine-tuning
+            out.append(f"<p class=\"note\"><b>Not comparable:</b> the two runs used different datasets "
+                       f"({esc(', '.join(sorted(roots)))}).</p>")
         out.append(table(["model", "best val", "test", "params", "wall s"], rows, numeric=(1, 2, 3, 4)))
         if best_tuned.val is not None and scratch_best.val is not None:
             gap = 100 * (best_tuned.val - scratch_best.val)
