@@ -91,6 +91,11 @@ class InatOptunaSweeper(OptunaSweeper):
                                     directions=directions, load_if_exists=True)
         log.info(f"Study {study.study_name} in {impl.storage} ({type(impl.sampler).__name__}, {directions[0]}); "
                  f"trial folders in {sweep_dir}")
+        if impl.storage and not str(impl.storage).startswith("sqlite") and hasattr(impl.sampler, "reseed_rng"):
+            # Workers sharing a server study would all replay the same seeded random start-up
+            # trials; a per-process seed keeps their proposals apart (one SQLite worker stays exact).
+            impl.sampler.reseed_rng()
+            log.info("Shared storage: sampler reseeded for this worker.")
         budget = float(OmegaConf.select(cfg, "sweep.budget_minutes", default=0.0) or 0.0)
         write_sweep_info(sweep_dir, impl, study.study_name, list(arguments), budget)
 
