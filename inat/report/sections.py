@@ -132,9 +132,16 @@ def sweeps_section(sweeps: List[Sweep]) -> str:
             out.append("<p>Best configuration (sweep report):</p>" + pre_json(best))
         top = sorted(done, key=lambda r: -r.val)[:10]
         if top:
+            # Overrides every trial shares (data root, budget, ...) are shown once, so the table
+            # shows what the sweep varied.
+            common = set.intersection(*(set(r.overrides) for r in sweep.runs)) if sweep.runs else set()
+            if common:
+                out.append("<p>Overrides common to all trials: <code>"
+                           + esc(" ".join(o for o in sweep.runs[0].overrides if o in common)) + "</code></p>")
             out.append("<p>Top trials by validation accuracy:</p>" + table(
-                ["trial", "overrides", "best val", "epochs"],
-                [[r.path.name, " ".join(r.overrides), pct(r.val), r.summary.get("epochs", "–")] for r in top],
+                ["trial", "overrides (sampled)", "best val", "epochs"],
+                [[r.path.name, " ".join(o for o in r.overrides if o not in common), pct(r.val),
+                  r.summary.get("epochs", "–")] for r in top],
                 numeric=(2, 3)))
     return "".join(out)
 
