@@ -213,7 +213,16 @@ def param_importance(data: SweepData) -> tuple[Dict[str, float], Optional[str]]:
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if len(complete) < 2:
             return {}, "fewer than 2 complete trials: no importance"
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}, note
+        try:
+            found = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except ValueError as err:
+            # Optuna 2.10's fANOVA trips on newer scikit-learn tree arrays ("setting an array
+            # element with a sequence"); mean decrease in impurity uses the same forest, still works.
+            found = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0))
+            note = ((note + "; ") if note else "") + f"fANOVA failed ({err.__class__.__name__}), mean decrease in impurity used"
+        return {k: float(v) for k, v in found.items()}, note
     except Exception as err:  # noqa: BLE001 - importance is a bonus (it needs scikit-learn)
         return {}, f"Optuna importance unavailable: {type(err).__name__}: {err}"
 
@@ -263,7 +272,7 @@ def observations(data: SweepData, corr: List[Dict[str, Any]]) -> List[Dict[str, 
     if not rows:
         return [{"text": "No trial finished yet.", "evidence": f"{len(data.rows)} trial folders"}]
     n_pruned = sum(r.state == "pruned" for r in rows)
-    note = f" (pruned trials count with the accuracy they had when stopped)" if n_pruned else ""
+    note = "; pruned trials count with the accuracy they had when stopped" if n_pruned else ""
     for name in data.param_names:
         groups: Dict[str, List[float]] = {}
         for r in rows:
@@ -277,7 +286,7 @@ def observations(data: SweepData, corr: List[Dict[str, Any]]) -> List[Dict[str, 
         evidence = "; ".join(f"{name}={k}: mean {100 * means[k]:.1f}% over {len(groups[k])} trials"
                              for k in sorted(groups, key=means.get, reverse=True))
         obs.append({"score": diff, "text": f"{name}={hi}: {diff:+.1f} points mean val accuracy over "
-                    f"{len(groups[hi])} trials vs {name}={lo} ({len(groups[lo])} trials){note}.", "evidence": evidence})
+                    f"{len(groups[hi])} trials vs {name}={lo} ({len(groups[lo])} trials).", "evidence": evidence + note})
     for c in corr:
         if (c["kind"] == "spearman" and c["val_accuracy"] is not None and c["n"] >= 5
                 and abs(c["val_accuracy"]) >= 0.3):
@@ -296,13 +305,15 @@ def observations(data: SweepData, corr: List[Dict[str, Any]]) -> List[Dict[str, 
                         f"{best.number}) was first reached by trial {first + 1} of {len(ordered)} in start order.",
                         "evidence": "trials ordered by start time"})
     if n_pruned and data.epochs_planned:
+        pruned = [r for r in rows if r.state == "pruned"]
+        saved = sum(data.epochs_planned - r.epochs for r in pruned)
         run = sum(r.epochs for r in rows)
-        planned = data.epochs_planned * len(rows)
-        mean_stop = np.mean([r.epochs for r in rows if r.state == "pruned"])
         obs.append({"score": 0, "text": f"The median rule stopped {n_pruned} of {len(rows)} trials after "
-                    f"{mean_stop:.1f} of {data.epochs_planned} epochs on average: {planned - run} of {planned} "
-                    f"epochs ({100 * (planned - run) / planned:.0f}%) not trained.",
-                    "evidence": "epochs in each trial's metrics.csv vs train.epochs"})
+                    f"{np.mean([r.epochs for r in pruned]):.1f} of {data.epochs_planned} epochs on average: "
+                    f"{saved} epochs not trained, {100 * saved / (run + saved):.0f}% of the {run + saved} the "
+                    f"sweep would otherwise have trained.",
+                    "evidence": "epochs in each pruned trial's metrics.csv vs train.epochs (trials cut by "
+                                "train.max_minutes are not counted as savings)"})
     budget = [r for r in data.rows if r.state == "budget"]
     if budget:
         obs.append({"score": 0, "text": f"The {data.info.get('budget_minutes', '?')}-minute sweep budget ended "
