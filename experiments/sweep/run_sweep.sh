@@ -26,7 +26,7 @@ os.symlink(src / "val", sub / "val")
 PYEOF
 fi
 
-"$PY" run.py -m hydra/sweeper=optuna hydra.sweep.dir="$OUT" hydra.sweeper.n_trials=80 \
+"$PY" run.py -m hydra/sweeper=optuna hydra.sweep.dir="$OUT" hydra.sweeper.n_trials=80 hydra.sweeper.sampler.n_startup_trials=8 \
   data.root="$SUB" data.image_size=48 data.workers=1 train.threads=2 \
   train.epochs=5 train.max_minutes=1.5 \
   sweep.prune=true sweep.prune_warmup_epochs=1 sweep.prune_min_trials=3 sweep.budget_minutes=38 \
