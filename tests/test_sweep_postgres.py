@@ -40,6 +40,10 @@ def test_three_workers_share_one_study(pg_url, tmp_path):
     command = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/sweeper=optuna", f"hydra.sweeper.storage={pg_url}",
                f"hydra.sweeper.study_name={study_name}", f"hydra.sweeper.n_trials={TRIALS_EACH}",
                f"hydra.sweep.dir={sweep_dir}", f"data.root={data}", "train.epochs=1", "sweep.prune=false", *SMALL]
+    # Create Optuna's tables once: on an empty database, concurrent first connections race on
+    # CREATE TABLE (a one-off set-up step, not what this test is about). The study itself is
+    # still created by the racing workers (load_if_exists).
+    optuna.storages.RDBStorage(pg_url)
     workers = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(WORKERS)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
