@@ -29,9 +29,8 @@ class DataConfig:
     cache_dir: str = ""  # "" = $INAT_CACHE, else ~/.cache/inat
     # Decode workers for the cache build; 0 = number of CPUs.
     workers: int = 0
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    interpolation: str = "bilinear"
+    # Normalisation and interpolation are not data options: each model's ModelSpec brings
+    # its own (ImageNet statistics for the scratch CNN, the weights' own for backbones).
 
 
 @dataclass
@@ -91,6 +90,8 @@ class FinetuneConfig:
     every: int = 1  # gradual: unfreeze one more group every `every` epochs
     lr_decay: float = 0.5  # full: lr multiplier per group going down from the head
     bn: str = "freeze_frozen"  # freeze_frozen | train_all | freeze_all
+    # linear_probe: compute backbone features once and train the head on them (no augmentation)
+    cached_features: bool = True
 
 
 @dataclass

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -163,10 +163,50 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: Mod
     return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(1) == y).float().mean())}
 
 
+@torch.no_grad()
+def probe_features(model: InatModel, data: TrainData, spec: ModelSpec, cfg: DictConfig, device: torch.device,
+                   progress: bool = True) -> Dict[str, Any]:
+    """Penultimate features of every train/ image, computed once (eval mode, no augmentation).
+
+    The linear probe trains only the head, so the frozen backbone's output for an image
+    never changes: computing it once turns each epoch into a few matrix products.
+    """
+    from inat.models.freeze import features_and_head
+
+    backbone_fn, head = features_and_head(model)
+    was_training = model.training
+    model.eval()
+    feats = []
+    batch = int(cfg.train.eval_batch_size)
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(data.images), batch), desc="backbone features (once)", disable=not progress,
+                      mininterval=1.0):
+        x = to_float(torch.from_numpy(np.array(data.images[start:start + batch])), spec.mean, spec.std).to(device)
+        with autocast_context(cfg.train.precision, device):
+            feats.append(backbone_fn(x).float().cpu())
+    model.train(was_training)
+    return {"features": torch.cat(feats), "head": head}
+
+
+@torch.no_grad()
+def evaluate_features(head: nn.Module, features: torch.Tensor, labels: np.ndarray) -> Dict[str, float]:
+    """Validation loss and accuracy of a head on cached features."""
+    head.eval()
+    logits = head(features.to(next(head.parameters()).device)).float().cpu()
+    head.train()
+    y = torch.as_tensor(labels)
+    return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(1) == y).float().mean())}
+
+
 def train_one_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData,
                     cfg: DictConfig, spec: ModelSpec, epoch: int, state: Dict[str, Any], device: torch.device,
-                    augment: BatchAugment, ema: Optional[nn.Module], budget_s: float, total_steps: int) -> Dict[str, float]:
-    """One pass over this rank's share of a seeded permutation of the training images."""
+                    make_batch: Callable, ema: Optional[nn.Module], budget_s: float, total_steps: int) -> Dict[str, float]:
+    """One pass over this rank's share of a seeded permutation of the training images.
+
+    ``make_batch(idx, gen) -> (inputs, targets)`` turns sorted image indices into a batch:
+    augmented images normally, cached backbone features for the linear-probe fast path.
+    """
     from tqdm import tqdm
 
     rank, world_size = world()
@@ -186,10 +226,9 @@ def train_one_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.op
                mininterval=1.0)
     for b in bar:
         idx = np.sort(perm[b * bs:(b + 1) * bs])  # sorted reads are kinder to the memory map
-        x = torch.from_numpy(np.asarray(data.images[idx])).to(device)
-        y = torch.from_numpy(data.labels[idx]).to(device)
-        x, target = augment(x, y, gen)
-        if cfg.train.channels_last:
+        x, target = make_batch(idx, gen)
+        y = target
+        if cfg.train.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         progress = state["step"] / max(1, total_steps)
         if budget_s > 0:
@@ -324,6 +363,18 @@ def fit(cfg: DictConfig, run_dir: Path,
     if cfg.train.compile:
         step_model = torch.compile(step_model)
     augment = BatchAugment(cfg.aug, spec.mean, spec.std, spec.num_classes)
+
+    def image_batch(idx: np.ndarray, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.array(data.images[idx])).to(device)  # (B, S, S, 3) uint8
+        return augment(x, torch.from_numpy(data.labels[idx]).to(device), gen)
+
+    make_batch, probe = image_batch, None
+    if cfg.finetune.strategy == "linear_probe" and cfg.finetune.cached_features and world_size == 1:
+        probe = probe_features(model, data, spec, cfg, device, progress=is_main)
+        step_model = probe["head"]
+
+        def make_batch(idx: np.ndarray, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+            return probe["features"][idx].to(device), torch.from_numpy(data.labels[idx]).to(device)
     epochs = int(cfg.train.epochs)
     bs = int(cfg.train.batch_size)
     total_steps = epochs * max(1, (len(data.train_idx) // world_size) // bs)
@@ -342,10 +393,13 @@ def fit(cfg: DictConfig, run_dir: Path,
             set_train_mode(model, cfg.finetune)
         else:
             model.train()
-        row = train_one_epoch(model, step_model, optimizer, data, cfg, spec, epoch, state, device, augment, ema,
+        row = train_one_epoch(model, step_model, optimizer, data, cfg, spec, epoch, state, device, make_batch, ema,
                               budget_s, total_steps)
         eval_model = ema.module if ema is not None else model
-        val = evaluate(eval_model, val_images, val_labels, spec, cfg, device)
+        if probe is not None:
+            val = evaluate_features(eval_model.head(), probe["features"][data.val_idx], val_labels)
+        else:
+            val = evaluate(eval_model, val_images, val_labels, spec, cfg, device)
         state["epoch"] = epoch + 1
         record = {"epoch": epoch + 1, "train_loss": round(row["train_loss"], 6), "train_accuracy": round(row["train_accuracy"], 6),
                   "val_loss": round(val["loss"], 6), "val_accuracy": round(val["accuracy"], 6), "lr": row["lr"],
