@@ -108,7 +108,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 64
     lr: float = 2e-3
     precision: str = "bf16"  # 32 | bf16 | 16
@@ -117,7 +117,7 @@ class TrainConfig:
     compile: bool = False
     ema: float = 0.0  # EMA decay of weights for evaluation; 0 = off
     early_stopping: int = 0  # patience in epochs on val accuracy; 0 = off
-    max_minutes: float = 0.0  # training budget; 0 = no budget
+    max_minutes: float = 10.0  # training budget (CPU default); 0 = no budget, epochs decide
     threads: int = 0  # torch intra-op threads; 0 = torch default
     eval_batch_size: int = 256
     then_test: bool = True  # after training, score the best checkpoint on the test folder

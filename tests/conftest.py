@@ -59,5 +59,5 @@ def run_cli(args: List[str], cwd: Path = REPO, env: dict | None = None, timeout:
                           text=True, timeout=timeout)
 
 
-FAST = ["wandb.mode=disabled", "data.image_size=32", "train.batch_size=8", "train.threads=1", "data.workers=1",
+FAST = ["wandb.mode=disabled", "train.max_minutes=0", "data.image_size=32", "train.batch_size=8", "train.threads=1", "data.workers=1",
         "filters.base=8", "model.dense_units=16"]
