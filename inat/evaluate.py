@@ -17,7 +17,7 @@ from inat.checkpoint import load_checkpoint
 from inat.data.cache import load_or_build
 from inat.data.folder import scan_test, test_access
 from inat.errors import InatError
-from inat.models import build_from_config
+from inat.models import model_from_state
 from inat.runs import write_json
 from inat.train import pick_device, predict_logits
 
@@ -41,8 +41,7 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
     cfg = OmegaConf.create(state["config"])
     classes = list(state["classes"])
     root = Path(data_root or cfg.data.root)
-    model = build_from_config(cfg, len(classes))
-    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    model = model_from_state(state)
     device = pick_device()
     model.to(device).eval()
     spec = model.spec

@@ -261,6 +261,23 @@ def train_one_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.op
             "lr": optimizer.param_groups[0]["lr"], "images_per_sec": seen * world_size / max(dt, 1e-9)}
 
 
+def environment(device: torch.device) -> Dict[str, Any]:
+    """Versions and hardware behind a run's numbers (for the report's provenance block)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "host": platform.node(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -445,9 +462,10 @@ def fit(cfg: DictConfig, run_dir: Path,
         "best_epoch": state["best_epoch"], "epochs": state["epoch"], "stop_reason": stop_reason,
         "train_images_per_sec": round(sum(h["images_per_sec"] for h in hist) / max(1, len(hist)), 1),
         "train_seconds": round(state["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "params": sum(p.numel() for p in model.parameters()), "model": spec.name, "classes": data.classes,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "model": spec.name, "classes": data.classes,
         "n_train": int(len(data.train_idx)), "n_val": int(len(data.val_idx)), "device": str(device),
-        "world_size": world_size, "config": cfg_dict,
+        "world_size": world_size, "environment": environment(device), "config": cfg_dict,
     }
     if is_main:
         write_json(run_dir / "summary.json", summary)

@@ -8,7 +8,7 @@ from inat.models.base import InatModel, ModelSpec
 from inat.models.registry import create_model, list_models, register_model
 
 __all__ = ["InatModel", "ModelSpec", "create_model", "list_models", "register_model", "build_from_config",
-           "model_from_checkpoint"]
+           "model_from_checkpoint", "model_from_state"]
 
 
 def build_from_config(cfg: Any, num_classes: int) -> InatModel:
@@ -27,10 +27,23 @@ def model_from_checkpoint(path: str | Path, *, use_ema: bool = True) -> Tuple[In
     from inat.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
+    model = model_from_state(state, use_ema=use_ema)
+    return model, model.spec, list(state["classes"])
+
+
+def model_from_state(state: dict, *, use_ema: bool = True) -> InatModel:
+    """Rebuild the model of a loaded checkpoint dict, in eval mode, with its trained weights.
+
+    Pretrained weights are not fetched again: the checkpoint overwrites them anyway, and
+    fetching would need the network for torchvision/timm backbones.
+    """
+    from omegaconf import OmegaConf
+
     cfg = OmegaConf.create(state["config"])
-    classes = list(state["classes"])
-    model = build_from_config(cfg, len(classes))
+    cfg.model.pretrained = False
+    cfg.model.weights_file = None
+    model = build_from_config(cfg, len(state["classes"]))
     weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
     model.load_state_dict(weights)
     model.eval()
-    return model, model.spec, classes
+    return model
