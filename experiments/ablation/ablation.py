@@ -5,7 +5,7 @@ Each variant removes (or adds) one ingredient from the default recipe and trains
 seeds; the test folder is scored once per run (test mode, after training).
 
     python experiments/ablation/ablation.py --data ../shared/datasets/imagewoof10 --size 64 \
-        --minutes 1.5 --seeds 0 1 2 --out experiments/ablation/result.json
+        --epochs 4 --seeds 0 1 2 --out experiments/ablation/result.json   # or --minutes M
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "imagewoof10"))
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--minutes", type=float, default=1.5)
+    p.add_argument("--epochs", type=int, default=0,
+                   help="train a fixed number of epochs instead of a time budget (immune to machine load)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--out", default=str(REPO / "experiments" / "ablation" / "result.json"))
@@ -48,7 +50,8 @@ def main() -> None:
         for name in a.variants:
             run_dir = work / f"{abs(hash(name))}_{seed}"
             cmd = [sys.executable, "run.py", f"data.root={a.data}", f"data.image_size={a.size}", f"seed={seed}",
-                   f"train.max_minutes={a.minutes}", "train.epochs=40", "wandb.mode=disabled",
+                   *([f"train.max_minutes=0", f"train.epochs={a.epochs}"] if a.epochs else
+                     [f"train.max_minutes={a.minutes}", "train.epochs=40"]), "wandb.mode=disabled",
                    f"hydra.run.dir={run_dir}", *VARIANTS[name]]
             print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
             r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -66,7 +69,7 @@ def main() -> None:
         table.append({"variant": name, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "n": len(accs), "overrides": VARIANTS[name]})
     result = {"command": " ".join(shlex.quote(c) for c in sys.argv), "data": a.data, "size": a.size,
-              "minutes": a.minutes, "seeds": a.seeds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "minutes": None if a.epochs else a.minutes, "epochs": a.epochs or None, "seeds": a.seeds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "table": table, "runs": rows}
     Path(a.out).write_text(json.dumps(result, indent=1))
     base = table[0]["mean"]
