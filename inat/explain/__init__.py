@@ -30,7 +30,7 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     import numpy as np
 
     from inat.checkpoint import load_checkpoint
-    from inat.models import model_from_checkpoint
+    from inat.models import model_from_state
     from inat.runs import write_json
 
     unknown = [w for w in what if w not in WHAT]
@@ -41,7 +41,8 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(ckpt)
     root = data_root or state["config"]["data"]["root"]
-    model, spec, classes = model_from_checkpoint(ckpt)
+    model = model_from_state(state)  # the checkpoint is read once
+    spec, classes = model.spec, list(state["classes"])
 
     scores = None
     needs_scores = bool({"grid", "guided_backprop", "confusion"} & set(what)) or ("filters" in what and not image)
@@ -49,7 +50,8 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
         from inat.explain.scoring import score_test_set
 
         tta = bool(state["config"].get("aug", {}).get("tta_flip", False))  # score as test mode does
-        scores = score_test_set(model, spec, classes, root, batch_size=batch_size, tta_flip=tta)
+        scores = score_test_set(model, spec, classes, root, batch_size=batch_size, tta_flip=tta,
+                                cache_dir=state["config"]["data"].get("cache_dir", ""))
 
     result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {}}
     if scores is not None:

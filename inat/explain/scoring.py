@@ -106,12 +106,20 @@ def score_images(model: InatModel, spec: ModelSpec, images: np.ndarray, batch_si
 
 
 def score_test_set(model: InatModel, spec: ModelSpec, classes: Sequence[str], root: str | Path,
-                   batch_size: int = 128, workers: int = 2, tta_flip: bool = False) -> TestScores:
-    """List, decode and score the test folder of ``root`` for a model trained on ``classes``."""
+                   batch_size: int = 128, tta_flip: bool = False, cache_dir: str = "") -> TestScores:
+    """List, decode and score the test folder of ``root`` for a model trained on ``classes``.
+
+    Decoding goes through the decode-once cache, keyed like test mode's, so explaining a
+    checkpoint that was already tested (or explained) reads tensors instead of JPEGs.
+    """
+    from inat.data.cache import load_or_build
+
     with test_access("explain"):
         split = scan_test(Path(root), classes)
-    if len(split) == 0:
-        raise InatError(f"The test folder of '{root}' has no images to explain.")
-    images = decode_many(split.paths, spec, workers)
+        if len(split) == 0:
+            raise InatError(f"The test folder of '{root}' has no images to explain.")
+        cache = load_or_build(split.paths, int(spec.input_size), interpolation=spec.interpolation,
+                              crop_pct=float(spec.extra.get("crop_pct", 1.0)), directory=cache_dir, label="test/")
+    images = np.asarray(cache.images)  # (N, S, S, 3) uint8 memory map
     probs, conv5 = score_images(model, spec, images, batch_size, tta_flip)
     return TestScores(list(classes), list(split.paths), np.asarray(split.labels, dtype=np.int64), images, probs, conv5)
