@@ -153,14 +153,19 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, spec: Mo
     return torch.cat(out) if out else torch.zeros(0, spec.num_classes)
 
 
+def logit_metrics(logits: torch.Tensor, labels: np.ndarray) -> Dict[str, float]:
+    """Cross-entropy loss and top-1 accuracy of (N, classes) logits against integer labels."""
+    y = torch.as_tensor(labels)
+    return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(1) == y).float().mean())}
+
+
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: ModelSpec, cfg: DictConfig,
              device: torch.device) -> Dict[str, float]:
     """Validation loss and accuracy (with test-time flip when the aug config asks for it)."""
     logits = predict_logits(model, images, spec, batch_size=int(cfg.train.eval_batch_size),
                             tta_flip=bool(cfg.aug.tta_flip), device=device, precision=cfg.train.precision,
                             channels_last=bool(cfg.train.channels_last))
-    y = torch.as_tensor(labels)
-    return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(1) == y).float().mean())}
+    return logit_metrics(logits, labels)
 
 
 @torch.no_grad()
@@ -195,8 +200,7 @@ def evaluate_features(head: nn.Module, features: torch.Tensor, labels: np.ndarra
     head.eval()
     logits = head(features.to(next(head.parameters()).device)).float().cpu()
     head.train()
-    y = torch.as_tensor(labels)
-    return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(1) == y).float().mean())}
+    return logit_metrics(logits, labels)
 
 
 def train_one_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData,
