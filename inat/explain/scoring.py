@@ -69,7 +69,7 @@ def decode_many(paths: Sequence[Path], spec: ModelSpec, workers: int = 2) -> np.
 
 def normalise(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 with the spec's mean and std."""
-    return to_float(torch.from_numpy(np.ascontiguousarray(images)), spec.mean, spec.std)
+    return to_float(torch.from_numpy(np.array(images)), spec.mean, spec.std)  # copy: the cache is read-only
 
 
 def score_images(model: InatModel, spec: ModelSpec, images: np.ndarray, batch_size: int = 128,
