@@ -1,6 +1,6 @@
 """Camera-trap demo: a video from the shared photos, watched by yolov3-tiny through run.py.
 
-Run from the repository root:  /work/venv/bin/python experiments/detect/demo.py
+Run from the repository root:  .venv/bin/python experiments/detect/demo.py
 It writes outputs/detect/demo/ (the full run: annotated mp4, alert snapshots, events) and
 copies next to this script the small results we commit: events.jsonl, summary.json and
 one annotated alert frame (alert_frame.jpg).

@@ -5,7 +5,7 @@
 # Usage: experiments/sweep/run_sweep.sh [extra overrides]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-/work/venv/bin/python}
+PY=${PY:-.venv/bin/python}   # the venv that make run / make test build
 SRC=${SRC:-../shared/datasets/imagewoof10}
 PER_CLASS=${PER_CLASS:-120}   # train images per class (first N by name): CPU time, not data, is scarce
 SUB=${SUB:-/tmp/inat_woof${PER_CLASS}}
@@ -25,6 +25,7 @@ for cls in sorted(p for p in (src / "train").iterdir() if p.is_dir()):
 os.symlink(src / "val", sub / "val")
 PYEOF
 fi
+[ "${1:-}" = "--subset-only" ] && exit 0
 
 "$PY" run.py -m hydra/sweeper=optuna hydra.sweep.dir="$OUT" hydra.sweeper.n_trials=80 hydra.sweeper.sampler.n_startup_trials=8 \
   data.root="$SUB" data.image_size=48 data.workers=1 train.threads=2 \
