@@ -92,6 +92,9 @@ class FinetuneConfig:
     bn: str = "freeze_frozen"  # freeze_frozen | train_all | freeze_all
     # linear_probe: compute backbone features once and train the head on them (no augmentation)
     cached_features: bool = True
+    # partial: V > 0 runs the frozen first k groups once on V augmented views of each training
+    # image and trains the rest on those cached outputs (EfficientNet-Lite, ResNets); 0 = on images
+    cache_views: int = 0
 
 
 @dataclass

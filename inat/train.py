@@ -33,7 +33,7 @@ from inat.models import InatModel, ModelSpec, build_from_config
 from inat.runs import world, write_json, write_metrics
 
 # Named, separate seeds (STYLE 6): the split has data.split_seed; these derive from `seed`.
-SEED_INIT, SEED_ORDER, SEED_AUG = 0, 1, 2
+SEED_INIT, SEED_ORDER, SEED_AUG, SEED_VIEWS = 0, 1, 2, 3
 
 
 @dataclass
@@ -169,6 +169,38 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: Mod
 
 
 @torch.no_grad()
+def _frozen_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: TrainData, idx: np.ndarray, spec: ModelSpec,
+                    cfg: DictConfig, device: torch.device, *, augment: Optional[BatchAugment] = None,
+                    gen: Optional[torch.Generator] = None, flip: bool = False, dtype: torch.dtype = torch.float32,
+                    desc: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` (a frozen part of the model, in eval mode) applied to the images ``idx`` in batches.
+
+    Plain images, mirrored ones (``flip``) or augmented ones (``augment`` with ``gen``, which
+    may also turn labels into soft targets). Returns (outputs stored as ``dtype``, targets).
+    """
+    from tqdm import tqdm
+
+    outs, targets = [], []
+    batch = int(cfg.train.eval_batch_size)
+    for start in tqdm(range(0, len(idx), batch), desc=desc, disable=desc is None, leave=False, mininterval=1.0):
+        sel = idx[start:start + batch]
+        u8 = torch.from_numpy(np.array(data.images[sel])).to(device)
+        y = torch.from_numpy(data.labels[sel]).to(device)
+        if augment is not None:
+            x, y = augment(u8, y, gen)
+        else:
+            x = to_float(u8, spec.mean, spec.std)
+            if flip:
+                x = x.flip(3)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(cfg.train.precision, device):
+            outs.append(fn(x).to(dtype).cpu())
+        targets.append(y.cpu())
+    return torch.cat(outs), torch.cat(targets)
+
+
+@torch.no_grad()
 def probe_features(model: InatModel, data: TrainData, spec: ModelSpec, cfg: DictConfig, device: torch.device,
                    progress: bool = True) -> Dict[str, Any]:
     """Penultimate features of every train/ image, computed once (eval mode, no augmentation).
@@ -181,17 +213,76 @@ def probe_features(model: InatModel, data: TrainData, spec: ModelSpec, cfg: Dict
     backbone_fn, head = features_and_head(model)
     was_training = model.training
     model.eval()
-    feats = []
-    batch = int(cfg.train.eval_batch_size)
-    from tqdm import tqdm
-
-    for start in tqdm(range(0, len(data.images), batch), desc="backbone features (once)", disable=not progress,
-                      mininterval=1.0):
-        x = to_float(torch.from_numpy(np.array(data.images[start:start + batch])), spec.mean, spec.std).to(device)
-        with autocast_context(cfg.train.precision, device):
-            feats.append(backbone_fn(x).float().cpu())
+    feats, _ = _frozen_outputs(backbone_fn, data, np.arange(len(data.images)), spec, cfg, device,
+                               desc="backbone features (once)" if progress else None)
     model.train(was_training)
-    return {"features": torch.cat(feats), "head": head}
+    return {"features": feats, "head": head}
+
+
+@torch.no_grad()
+def prefix_views(model: InatModel, data: TrainData, spec: ModelSpec, cfg: DictConfig, device: torch.device,
+                 augment: BatchAugment, progress: bool = True) -> Dict[str, Any]:
+    """Partial fine-tuning's fast path: the frozen first k groups run once per cached view.
+
+    The frozen prefix (eval mode, ImageNet BN statistics) is a fixed function of its input,
+    so its output for ``finetune.cache_views`` augmented views of each training image (and
+    for the plain and, with TTA, mirrored validation images) is computed once and stored in
+    bf16; every epoch then trains only the suffix, on a randomly drawn view per image.
+    Views are drawn from their own seeded generators, so a resumed run rebuilds the same cache.
+    """
+    from inat.models.freeze import split_at
+
+    ft = cfg.finetune
+    if ft.bn == "train_all":
+        raise InatError("finetune.cache_views needs the frozen groups' BatchNorm frozen (finetune.bn=freeze_frozen "
+                        "or freeze_all): with bn=train_all their statistics change and no output can be cached.")
+    prefix, suffix = split_at(model, int(ft.k))
+    was_training = model.training
+    model.eval()
+    views = int(ft.cache_views)
+    train_idx, val_idx = data.train_idx, data.val_idx
+    probe, _ = _frozen_outputs(prefix, data, train_idx[:2], spec, cfg, device, dtype=torch.bfloat16)
+    per_item = probe[0].numel() * 2
+    need = per_item * (views * len(train_idx) + 2 * len(val_idx))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total / 2:
+        raise InatError(f"finetune.cache_views={views} would keep {need / 2**30:.1f} GB of frozen-prefix outputs "
+                        f"({tuple(probe.shape[1:])} per image), more than half of this machine's {total / 2**30:.0f} GB; "
+                        f"use fewer views or a larger finetune.k.")
+    train_x, train_y = [], []
+    for v in range(views):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + SEED_VIEWS + 7919 * v)
+        x, y = _frozen_outputs(prefix, data, train_idx, spec, cfg, device, augment=augment, gen=gen,
+                               dtype=torch.bfloat16, desc=f"frozen prefix, view {v + 1}/{views}" if progress else None)
+        train_x.append(x)
+        train_y.append(y)
+    val_x, _ = _frozen_outputs(prefix, data, val_idx, spec, cfg, device, dtype=torch.bfloat16)
+    val_flip = None
+    if cfg.aug.tta_flip:
+        val_flip, _ = _frozen_outputs(prefix, data, val_idx, spec, cfg, device, flip=True, dtype=torch.bfloat16)
+    model.train(was_training)
+    position = np.full(len(data.images), -1, dtype=np.int64)
+    position[train_idx] = np.arange(len(train_idx))
+    return {"train_x": torch.stack(train_x), "train_y": torch.stack(train_y), "position": position,
+            "val_x": val_x, "val_flip": val_flip, "suffix": suffix, "bytes": need}
+
+
+@torch.no_grad()
+def evaluate_suffix(suffix: nn.Module, model: nn.Module, cached: torch.Tensor, flipped: Optional[torch.Tensor],
+                    labels: np.ndarray, cfg: DictConfig, device: torch.device) -> Dict[str, float]:
+    """Validation loss and accuracy of the trained suffix on cached prefix outputs (TTA: mean with the mirror)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    batch = int(cfg.train.eval_batch_size)
+    for start in range(0, len(cached), batch):
+        with autocast_context(cfg.train.precision, device):
+            logits = suffix(cached[start:start + batch].to(device).float()).float()
+            if flipped is not None:
+                logits = (logits + suffix(flipped[start:start + batch].to(device).float()).float()) / 2
+        out.append(logits.cpu())
+    model.train(was_training)
+    return logit_metrics(torch.cat(out), labels)
 
 
 @torch.no_grad()
@@ -389,13 +480,32 @@ def fit(cfg: DictConfig, run_dir: Path,
         x = torch.from_numpy(np.array(data.images[idx])).to(device)  # (B, S, S, 3) uint8
         return augment(x, torch.from_numpy(data.labels[idx]).to(device), gen)
 
-    make_batch, probe = image_batch, None
+    make_batch, probe, views, ema_suffix = image_batch, None, None, None
+    t_cache = time.perf_counter()
     if cfg.finetune.strategy == "linear_probe" and cfg.finetune.cached_features and world_size == 1:
         probe = probe_features(model, data, spec, cfg, device, progress=is_main)
         step_model = probe["head"]
 
         def make_batch(idx: np.ndarray, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
             return probe["features"][idx].to(device), torch.from_numpy(data.labels[idx]).to(device)
+    elif cfg.finetune.strategy == "partial" and int(cfg.finetune.cache_views) > 0:
+        if world_size > 1:
+            raise InatError("finetune.cache_views works in one process; set finetune.cache_views=0 under torchrun.")
+        views = prefix_views(model, data, spec, cfg, device, augment, progress=is_main)
+        step_model = views["suffix"]
+        if ema is not None:
+            from inat.models.freeze import split_at
+
+            ema_suffix = split_at(ema.module, int(cfg.finetune.k), check=False)[1]
+
+        def make_batch(idx: np.ndarray, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+            pos = torch.from_numpy(views["position"][idx])
+            pick = torch.randint(views["train_x"].shape[0], (len(idx),), generator=gen)
+            return views["train_x"][pick, pos].to(device).float(), views["train_y"][pick, pos].to(device)
+    cache_seconds = time.perf_counter() - t_cache
+    if is_main and (probe is not None or views is not None):
+        size = (probe["features"].numel() * 4) if probe is not None else views["bytes"]
+        print(f"frozen outputs cached once in {cache_seconds:.0f} s ({size / 2**20:.0f} MiB)", flush=True)
     epochs = int(cfg.train.epochs)
     bs = int(cfg.train.batch_size)
     total_steps = epochs * max(1, (len(data.train_idx) // world_size) // bs)
@@ -419,6 +529,9 @@ def fit(cfg: DictConfig, run_dir: Path,
         eval_model = ema.module if ema is not None else model
         if probe is not None:
             val = evaluate_features(eval_model.head(), probe["features"][data.val_idx], val_labels)
+        elif views is not None:
+            val = evaluate_suffix(ema_suffix if ema is not None else views["suffix"], eval_model, views["val_x"],
+                                  views["val_flip"], val_labels, cfg, device)
         else:
             val = evaluate(eval_model, val_images, val_labels, spec, cfg, device)
         state["epoch"] = epoch + 1
@@ -466,6 +579,7 @@ def fit(cfg: DictConfig, run_dir: Path,
         "best_epoch": state["best_epoch"], "epochs": state["epoch"], "stop_reason": stop_reason,
         "train_images_per_sec": round(sum(h["images_per_sec"] for h in hist) / max(1, len(hist)), 1),
         "train_seconds": round(state["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "cache_seconds": round(cache_seconds, 2),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "model": spec.name, "classes": data.classes,
         "n_train": int(len(data.train_idx)), "n_val": int(len(data.val_idx)), "device": str(device),

@@ -19,6 +19,10 @@ parameters still follow their group's freezing.
 
 The loop calls: ``setup_finetune`` once, ``param_groups`` for the optimizer,
 ``on_epoch_start`` each epoch, ``set_train_mode`` instead of ``model.train()``.
+
+Cached fast paths: ``features_and_head`` (linear probe: any model, split at its head by a
+hook) and ``split_at`` (partial: models whose forward is a plain chain of modules, split
+between layer groups) let the loop compute the frozen part's output once.
 """
 from __future__ import annotations
 
@@ -184,3 +188,56 @@ def features_and_head(model: InatModel) -> Tuple[Callable[[torch.Tensor], torch.
         return captured[0]
 
     return backbone_fn, head
+
+
+def split_at(model: InatModel, k: int, check: bool = True) -> Tuple[nn.Sequential, nn.Sequential]:
+    """Cut a model between layer groups ``k - 1`` and ``k``: ``suffix(prefix(x)) == model(x)``.
+
+    Only for models whose ``chain()`` lists the forward pass as modules run in sequence
+    (EfficientNet-Lite, torchvision ResNets). Both halves share the model's modules (no
+    copies), so training the suffix trains the model. With ``check`` one small eval-mode
+    forward proves the cut reproduces the model's logits.
+    """
+    chain_fn = getattr(model, "chain", None)
+    chain = chain_fn() if callable(chain_fn) else None
+    if not chain:
+        raise InatError(f"{getattr(model, 'spec', None) and model.spec.name or type(model).__name__} cannot be cut "
+                        f"into a frozen prefix and a trained suffix (its forward is not a plain chain of layers); "
+                        f"set finetune.cache_views=0 to fine-tune on images.")
+    n = len(model.layer_groups())
+    if not 1 <= k <= n - 1:
+        raise InatError(f"Cannot cut this model before layer group {k}: k must be 1..{n - 1}.")
+    owner = {}
+    for i, module in enumerate(model.layer_groups()):
+        for sub in module.modules():
+            owner.setdefault(id(sub), i)
+    cut = 0
+    for j, (_, module) in enumerate(chain):
+        group = owner.get(id(module))
+        if group is not None and group < k:
+            cut = j + 1
+    for j, (name, module) in enumerate(chain):
+        group = owner.get(id(module))
+        if group is not None and (group < k) != (j < cut):
+            raise InatError(f"Layer '{name}' of group {group} lies on the wrong side of the cut before group {k}.")
+    prefix = nn.Sequential(*[m for _, m in chain[:cut]])
+    suffix = nn.Sequential(*[m for _, m in chain[cut:]])
+    if check:
+        _check_split(model, prefix, suffix)
+    return prefix, suffix
+
+
+@torch.no_grad()
+def _check_split(model: InatModel, prefix: nn.Module, suffix: nn.Module) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 64, 64, generator=gen).to(param.device, param.dtype)
+        whole, cut = model(x), suffix(prefix(x))
+    finally:
+        model.train(was_training)
+    if whole.shape != cut.shape or not torch.allclose(whole, cut, rtol=1e-4, atol=1e-4):
+        raise InatError(f"Cutting {model.spec.name} into prefix and suffix changes its output; "
+                        f"set finetune.cache_views=0 to fine-tune on images.")

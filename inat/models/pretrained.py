@@ -33,13 +33,15 @@ _AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
 class Backbone(InatModel):
     """A pretrained network with named layer groups; ``forward`` returns (B, classes) logits."""
 
-    def __init__(self, net: nn.Module, spec: ModelSpec, groups: Groups, last_conv_name: str) -> None:
+    def __init__(self, net: nn.Module, spec: ModelSpec, groups: Groups, last_conv_name: str,
+                 chain: Optional[List[str]] = None) -> None:
         super().__init__()
         self.net = net
         self.spec = spec
         # Names, not modules: a deepcopy (EMA) or a reload then resolves to its own modules.
         self._groups = [(name, list(modules)) for name, modules in groups]
         self._last_conv_name = last_conv_name
+        self._chain = list(chain) if chain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, classes)
         return self.net(x)
@@ -59,6 +61,37 @@ class Backbone(InatModel):
 
     def head(self) -> nn.Module:
         return self.net.get_submodule(self._groups[-1][1][0])
+
+    def chain(self) -> Optional[List[Tuple[str, nn.Module]]]:
+        """The forward pass as a list of (name, module) run one after another, when the network
+        is that simple (EfficientNet-Lite, torchvision ResNets); None otherwise.
+
+        ``freeze.split_at`` cuts it between layer groups so a frozen prefix can be computed
+        once. ``<flatten>`` and ``<dropout>`` stand for the functional steps of the forward.
+        """
+        if self._chain is None:
+            return None
+        out: List[Tuple[str, nn.Module]] = []
+        for name in self._chain:
+            if name == "<flatten>":
+                out.append((name, nn.Flatten(1)))
+            elif name == "<dropout>":
+                out.append((name, _OwnerDropout(self.net)))
+            else:
+                out.append((name, self.net.get_submodule(name)))
+        return out
+
+
+class _OwnerDropout(nn.Module):
+    """timm's functional head dropout as a module; train or eval follows the network that owns it."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule
+        self.p = float(getattr(owner, "drop_rate", 0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, self.p, training=self._owner[0].training)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -248,8 +281,12 @@ def build_torchvision_backbone(arch: str, model_cfg: Any, num_classes: int, name
     _replace_linear_head(net, head_name, num_classes)
     if pretrained and weights_file:
         load_weights_file(net, weights_file, head_name)
+    chain = None
     if all(hasattr(net, f"layer{i}") for i in range(1, 5)):
         groups = _resnet_groups(net, head_name)
+        if arch.startswith(("resnet", "wide_resnet", "resnext")):  # conv1 bn1 relu maxpool layer1-4 avgpool fc
+            chain = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool",
+                     "<flatten>", head_name]
     else:
         groups = _generic_groups(net, head_name)
     # The weights' own eval transform is the preprocessing the backbone was trained with.
@@ -258,7 +295,7 @@ def build_torchvision_backbone(arch: str, model_cfg: Any, num_classes: int, name
     spec = _spec(name, num_classes, model_cfg, crop, tf.mean, tf.std, tf.interpolation.value, crop / resize,
                  source="torchvision", arch=arch, weights=(weights.name if pretrained and not weights_file else None),
                  weights_file=weights_file if pretrained else None, groups=[g for g, _ in groups])
-    return Backbone(net, spec, groups, _body_end(groups))
+    return Backbone(net, spec, groups, _body_end(groups), chain)
 
 
 @register_model("resnet50")
@@ -371,8 +408,11 @@ def build_efficientnet_lite(variant: str, model_cfg: Any, num_classes: int) -> B
     spec = _spec(variant, num_classes, model_cfg, dc["input_size"][-1], dc["mean"], dc["std"], dc["interpolation"],
                  dc["crop_pct"], source="efficientnet-lite package", arch=f"tf_{variant}",
                  weights_file=weights_file if pretrained else None, groups=[g for g, _ in groups])
+    # timm's forward: forward_features (stem, stages, head conv), then pool, dropout, classifier.
+    chain = ["conv_stem", "bn1", *[f"blocks.{i}" for i in range(len(net.blocks))], "conv_head", "bn2", "global_pool",
+             "<dropout>", "classifier"]
     # bn2 is timm's BatchNormAct2d: its output is the head conv after ReLU6, the CONV5 analogue.
-    return Backbone(net, spec, groups, "bn2")
+    return Backbone(net, spec, groups, "bn2", chain)
 
 
 @register_model("efficientnet_lite0")
