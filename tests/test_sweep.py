@@ -217,3 +217,19 @@ def test_helpers():
     assert space["act"] == {"values": ["relu", "gelu", "silu", "mish"]}
     assert space["model.batch_norm"] == {"values": [True, False]}
     assert space["train.lr"]["distribution"] == "log_uniform_values"
+
+
+def test_savings_counts_full_cost_trials_to_reach_a_level():
+    """experiments/sweep/savings.py: a pruned trial costs the share of epochs it trained."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("savings", Path(__file__).resolve().parents[1] / "experiments/sweep/savings.py")
+    savings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(savings)
+    row = lambda n, state, acc, epochs: SimpleNamespace(number=n, state=state, val_accuracy=acc, epochs=epochs)  # noqa: E731
+    tpe = [row(0, "complete", 0.20, 5), row(1, "pruned", 0.10, 1), row(2, "pruned", 0.12, 2), row(3, "complete", 0.31, 5)]
+    rand = [row(1, "complete", 0.25, 5), row(0, "complete", 0.15, 5), row(2, "complete", 0.30, 5)]
+    assert savings.trial_cost(tpe[1], 5) == pytest.approx(0.2)
+    assert savings.cost_to_reach(tpe, 0.30, 5) == (pytest.approx(2.6), 4)  # 1 + 0.2 + 0.4 + 1
+    assert savings.cost_to_reach(rand, 0.30, 5) == (3.0, 3)  # in trial-number order, not list order
+    assert savings.cost_to_reach(rand, 0.31, 5) is None
