@@ -192,6 +192,9 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
     for r in sorted(tuned, key=lambda r: -(r.val or -1)):
         strategy = r.get("finetune.strategy", "none")
         k = r.get("finetune.k") if strategy == "partial" else ""
+        views = r.get("finetune.cache_views", 0) if strategy == "partial" else 0
+        if views:  # trained on cached frozen-prefix outputs of this many augmented views
+            k = f"{k} (cached, {views} views)"
         rows.append([r.name, r.model, strategy, k, pct(r.val), pct(r.test_accuracy), r.summary.get("epochs", "–"),
                      _num(r.summary.get("wall_seconds")), _num(r.summary.get("train_images_per_sec"))])
     out.append("<p>Strategies (config <code>finetune.strategy</code>):</p>")
