@@ -12,6 +12,7 @@ from typing import Any, Dict
 import torch
 
 from inat.errors import InatError
+from inat.runs import temp_path
 
 FORMAT = "inat-checkpoint-v1"
 
@@ -20,7 +21,7 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     """Write atomically (temp file + rename) so a crash never leaves a torn checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     torch.save({"format": FORMAT, **state}, tmp)
     os.replace(tmp, path)
 

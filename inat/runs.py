@@ -4,15 +4,26 @@ from __future__ import annotations
 import csv
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List
+
+
+def temp_path(path: Path) -> Path:
+    """A temp name beside ``path`` that no other process or thread will pick.
+
+    Several sweep workers write the same ``sweep.json`` at once; with one shared temp name
+    one worker's rename takes the file from under the other's.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename): readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
 
@@ -21,7 +32,7 @@ def write_metrics(path: Path, rows: List[Dict[str, Any]]) -> None:
     """Rewrite ``metrics.csv`` from the full history (small; keeps resume exact)."""
     if not rows:
         return
-    tmp = Path(path).with_name("metrics.csv.tmp")
+    tmp = temp_path(Path(path))
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -233,3 +233,20 @@ def test_savings_counts_full_cost_trials_to_reach_a_level():
     assert savings.cost_to_reach(tpe, 0.30, 5) == (pytest.approx(2.6), 4)  # 1 + 0.2 + 0.4 + 1
     assert savings.cost_to_reach(rand, 0.30, 5) == (3.0, 3)  # in trial-number order, not list order
     assert savings.cost_to_reach(rand, 0.31, 5) is None
+
+
+def test_concurrent_atomic_writes_of_one_file(tmp_path):
+    """Sweep workers on many machines all write the study's sweep.json at once (a CI failure)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from inat.runs import write_json
+
+    target = tmp_path / "sweep.json"
+
+    def writer(worker: int) -> None:
+        for i in range(40):
+            write_json(target, {"worker": worker, "i": i, "pad": "x" * 20000})
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(writer, range(6)))  # re-raises a worker's FileNotFoundError
+    assert json.loads(target.read_text())["i"] == 39
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]  # no temp file left behind

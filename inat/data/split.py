@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from inat.errors import InatError
+from inat.runs import temp_path
 
 
 def build_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -41,7 +42,7 @@ def write_manifest(path: Path, root: Path, classes: Sequence[str], paths: Sequen
 
     manifest = {"root": str(root), "classes": list(classes), "split_seed": seed, "val_fraction": val_fraction,
                 "train": rows(train_idx), "val": rows(val_idx)}
-    tmp = Path(path).with_suffix(".tmp")
+    tmp = temp_path(Path(path))
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(path)
     return manifest
