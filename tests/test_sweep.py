@@ -250,3 +250,44 @@ def test_concurrent_atomic_writes_of_one_file(tmp_path):
         list(pool.map(writer, range(6)))  # re-raises a worker's FileNotFoundError
     assert json.loads(target.read_text())["i"] == 39
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("sampler_name", ["RandomSampler", "TPESampler"])
+def test_continued_study_does_not_replay_and_stays_reproducible(tmp_path, sampler_name):
+    """A rerun on the study's SQLite file continues it: new proposals, the same ones every time."""
+    import optuna
+
+    from inat.sweep.sweeper import continue_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        return trial.suggest_float("x", 0, 1) + trial.suggest_categorical("c", ["a", "b", "c", "d"]).count("a")
+
+    def session(name: str, n: int):
+        sampler = getattr(optuna.samplers, sampler_name)(seed=0)
+        study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / name}", sampler=sampler,
+                                    direction="maximize", load_if_exists=True)
+        continue_sampler(sampler, 0, len(study.trials))
+        study.optimize(objective, n_trials=n)
+        return [t.params["x"] for t in study.trials]
+
+    first = session("a.db", 4)
+    both = session("a.db", 4)
+    assert both[:4] == first and not set(both[4:]) & set(first)  # continued, nothing replayed
+    assert session("b.db", 4) == first and session("b.db", 4) == both  # the same continuation again
+
+
+def test_budget_counts_compute_of_finished_trials():
+    """Resuming a study the next day must not find its budget spent by the calendar."""
+    import datetime as dt
+
+    from inat.sweep.sweeper import budget_spent, compute_minutes
+
+    day = dt.datetime(2026, 11, 1, 12)
+    trials = [SimpleNamespace(datetime_start=day, datetime_complete=day + dt.timedelta(minutes=10)),
+              SimpleNamespace(datetime_start=day + dt.timedelta(days=1), datetime_complete=day + dt.timedelta(days=1, minutes=5)),
+              SimpleNamespace(datetime_start=day, datetime_complete=None)]  # running (or a crashed worker's)
+    study = SimpleNamespace(get_trials=lambda deepcopy=False: trials)
+    assert compute_minutes(study) == pytest.approx(15)
+    assert not budget_spent(study, 20) and budget_spent(study, 15) and not budget_spent(study, 0)

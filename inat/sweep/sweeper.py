@@ -8,19 +8,24 @@ The plugin's ``sweep`` loop, rewritten around the same helpers, adds:
 - per-epoch validation accuracy reported to Optuna, and trials the median rule stopped
   (``summary.json`` stop_reason "pruned: ...") told as PRUNED, so TPE and ``best_trial``
   only treat full-fidelity results as finished;
-- ``sweep.budget_minutes``: once that much time passed since the study's first trial
-  started, the next trial is not trained: it gets a run folder whose summary says
+- ``sweep.budget_minutes``: once the study's finished trials add up to that much compute
+  (worker-minutes, start to end of each trial, summed over all workers and all sessions of the
+  study), the next trial is not trained: it gets a run folder whose summary says
   ``stop_reason: "budget: ..."`` (accuracy 0, the poor value), is told to Optuna as PRUNED,
-  and the worker stops asking for trials.
+  and the worker stops asking for trials. Running trials do not count (a crashed worker's
+  trial stays RUNNING forever), so each worker can overshoot by the trial it is on;
+- a seeded sampler continuing a study that already has trials is reseeded from (seed, number
+  of trials so far): otherwise the rerun would replay the first session's proposals (random
+  search would train trials 0, 1, 2... again), and the continuation stays reproducible.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
@@ -30,19 +35,36 @@ from inat.sweep.trials import read_trial
 log = logging.getLogger(__name__)
 
 
-def sweep_started(study: Any) -> Optional[dt.datetime]:
-    """When the study's first trial started (shared by every worker), None for a new study."""
-    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start is not None]
-    return min(starts) if starts else None
+def compute_minutes(study: Any) -> float:
+    """Worker-minutes the study's finished trials took (start to end, every worker, every session)."""
+    return sum((t.datetime_complete - t.datetime_start).total_seconds()
+               for t in study.get_trials(deepcopy=False)
+               if t.datetime_start is not None and t.datetime_complete is not None) / 60
 
 
-def budget_spent(study: Any, budget_minutes: float, now: Optional[dt.datetime] = None) -> bool:
-    """True when a positive budget has elapsed since the study's first trial started."""
-    if budget_minutes <= 0:
+def budget_spent(study: Any, budget_minutes: float) -> bool:
+    """True when a positive compute budget is used up by the study's finished trials."""
+    return budget_minutes > 0 and compute_minutes(study) >= budget_minutes
+
+
+def continue_sampler(sampler: Any, seed: Optional[int], n_trials: int) -> bool:
+    """Reseed a seeded sampler for a study that already holds ``n_trials`` trials.
+
+    A fresh process seeds its sampler like the first session did, so it would replay that
+    session's proposals. Optuna's only public hook, ``reseed_rng``, draws an unreproducible
+    seed; seeding from ``(seed, n_trials)`` keeps the continuation exact. The samplers keep
+    their generators in ``_rng`` (TPE also in its start-up ``_random_sampler``): used only
+    where present, else ``reseed_rng``. Returns False when there was nothing to do.
+    """
+    if seed is None or n_trials == 0:
         return False
-    start = sweep_started(study)
-    now = now or dt.datetime.now()
-    return start is not None and (now - start).total_seconds() >= budget_minutes * 60
+    inner = [s for s in (sampler, getattr(sampler, "_random_sampler", None)) if s is not None]
+    if all(isinstance(getattr(s, "_rng", None), np.random.RandomState) for s in inner):
+        for i, s in enumerate(inner):
+            s._rng = np.random.RandomState([int(seed), int(n_trials), i])
+    elif hasattr(sampler, "reseed_rng"):
+        sampler.reseed_rng()
+    return True
 
 
 def hide_password(url: Optional[str]) -> Optional[str]:
@@ -96,6 +118,10 @@ class InatOptunaSweeper(OptunaSweeper):
             # trials; a per-process seed keeps their proposals apart (one SQLite worker stays exact).
             impl.sampler.reseed_rng()
             log.info("Shared storage: sampler reseeded for this worker.")
+        elif continue_sampler(impl.sampler, OmegaConf.select(cfg, "hydra.sweeper.sampler.seed", default=None),
+                              len(study.get_trials(deepcopy=False))):
+            log.info(f"Continuing a study of {len(study.get_trials(deepcopy=False))} trials "
+                     f"({compute_minutes(study):.1f} compute-minutes so far): sampler reseeded from (seed, trials).")
         budget = float(OmegaConf.select(cfg, "sweep.budget_minutes", default=0.0) or 0.0)
         write_sweep_info(sweep_dir, impl, study.study_name, list(arguments), budget)
 
