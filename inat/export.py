@@ -27,7 +27,7 @@ from inat.data.folder import IMAGE_EXTENSIONS
 from inat.data.images import decode_image, to_float
 from inat.errors import InatError
 from inat.models import ModelSpec, model_from_checkpoint
-from inat.runs import write_json
+from inat.runs import temp_path, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 ONNX_EXPORTERS = ("legacy", "dynamo")
@@ -178,7 +178,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / FORMATS[fmt]
-    tmp = final.with_name("." + final.name + ".tmp")
+    tmp = temp_path(final)
     try:
         with torch.no_grad():
             if fmt == "onnx":

@@ -25,6 +25,7 @@ from inat.data.folder import IMAGE_EXTENSIONS
 from inat.data.images import decode_image
 from inat.errors import InatError
 from inat.models import ModelSpec, model_from_checkpoint
+from inat.runs import temp_path
 from inat.train import pick_device, predict_logits
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -140,7 +141,7 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / PREDICTIONS_FILE
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = temp_path(final)
     result = PredictResult()
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=len(paths) <= batch_size, mininterval=1.0)
     try:

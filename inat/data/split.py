@@ -1,14 +1,13 @@
 """Stratified, seeded train/validation split of ``train/`` and its manifest."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from inat.errors import InatError
-from inat.runs import temp_path
+from inat.runs import write_json
 
 
 def build_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -42,7 +41,5 @@ def write_manifest(path: Path, root: Path, classes: Sequence[str], paths: Sequen
 
     manifest = {"root": str(root), "classes": list(classes), "split_seed": seed, "val_fraction": val_fraction,
                 "train": rows(train_idx), "val": rows(val_idx)}
-    tmp = temp_path(Path(path))
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(path)
+    write_json(path, manifest)
     return manifest

@@ -204,11 +204,11 @@ def split_at(model: InatModel, k: int, check: bool = True) -> Tuple[nn.Sequentia
         raise InatError(f"{getattr(model, 'spec', None) and model.spec.name or type(model).__name__} cannot be cut "
                         f"into a frozen prefix and a trained suffix (its forward is not a plain chain of layers); "
                         f"set finetune.cache_views=0 to fine-tune on images.")
-    n = len(model.layer_groups())
-    if not 1 <= k <= n - 1:
-        raise InatError(f"Cannot cut this model before layer group {k}: k must be 1..{n - 1}.")
+    groups = model.layer_groups()
+    if not 1 <= k <= len(groups) - 1:
+        raise InatError(f"Cannot cut this model before layer group {k}: k must be 1..{len(groups) - 1}.")
     owner = {}
-    for i, module in enumerate(model.layer_groups()):
+    for i, module in enumerate(groups):
         for sub in module.modules():
             owner.setdefault(id(sub), i)
     cut = 0

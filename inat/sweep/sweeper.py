@@ -119,8 +119,8 @@ class InatOptunaSweeper(OptunaSweeper):
             impl.sampler.reseed_rng()
             log.info("Shared storage: sampler reseeded for this worker.")
         elif continue_sampler(impl.sampler, OmegaConf.select(cfg, "hydra.sweeper.sampler.seed", default=None),
-                              len(study.get_trials(deepcopy=False))):
-            log.info(f"Continuing a study of {len(study.get_trials(deepcopy=False))} trials "
+                              n_done := len(study.get_trials(deepcopy=False))):
+            log.info(f"Continuing a study of {n_done} trials "
                      f"({compute_minutes(study):.1f} compute-minutes so far): sampler reseeded from (seed, trials).")
         budget = float(OmegaConf.select(cfg, "sweep.budget_minutes", default=0.0) or 0.0)
         write_sweep_info(sweep_dir, impl, study.study_name, list(arguments), budget)
