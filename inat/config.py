@@ -114,10 +114,15 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 64
     lr: float = 2e-3
-    precision: str = "bf16"  # 32 | bf16 | 16
+    # auto = what the hardware does natively: bf16 on CPUs with AVX512-BF16/AMX and on CUDA >= 8.0,
+    # fp16 + GradScaler on older GPUs, fp32 elsewhere; 32 | bf16 | 16 force one (with a warning if emulated)
+    precision: str = "auto"
     devices: int = 1
     channels_last: bool = True
     compile: bool = False
+    # deterministic kernels (cuDNN, cuBLAS): a resumed GPU run repeats the uninterrupted one exactly
+    deterministic: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics averaged across ranks
     ema: float = 0.0  # EMA decay of weights for evaluation; 0 = off
     early_stopping: int = 0  # patience in epochs on val accuracy; 0 = off
     max_minutes: float = 10.0  # training budget (CPU default); 0 = no budget, epochs decide

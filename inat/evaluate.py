@@ -19,7 +19,7 @@ from inat.data.folder import scan_test, test_access
 from inat.errors import InatError
 from inat.models import model_from_state
 from inat.runs import write_json
-from inat.train import pick_device, predict_logits
+from inat.inference import batched_logits, pick_device, process_precision
 
 
 def check_leakage(test_sha1: list, test_paths: list, state: Dict[str, Any], root: Path) -> None:
@@ -35,8 +35,12 @@ def check_leakage(test_sha1: list, test_paths: list, state: Dict[str, Any], root
 
 
 def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[str] = None,
-                    batch_size: int = 256, progress: bool = True) -> Dict[str, Any]:
-    """Score ``ckpt_path`` on the test folder of ``data_root`` (default: the run's root)."""
+                    batch_size: int = 256, progress: bool = True, precision: str = "auto") -> Dict[str, Any]:
+    """Score ``ckpt_path`` on the test folder of ``data_root`` (default: the run's root).
+
+    ``precision`` is this process's policy (``train.precision`` of the command, ``auto`` by
+    default), not the one the checkpoint was trained under: another machine may lack it.
+    """
     state = load_checkpoint(ckpt_path)
     cfg = OmegaConf.create(state["config"])
     classes = list(state["classes"])
@@ -50,12 +54,13 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
         if len(folder) == 0:
             raise InatError(f"The test folder of '{root}' has no images.")
         cache = load_or_build(folder.paths, spec.input_size, interpolation=spec.interpolation,
-                              crop_pct=float(spec.extra.get("crop_pct", 1.0)), directory=cfg.data.cache_dir,
+                              crop_pct=float(spec.crop_pct), directory=cfg.data.cache_dir,
                               label="test/", progress=progress)
     check_leakage(cache.sha1, list(folder.paths), state, root)
-    logits = predict_logits(model, cache.images, spec, batch_size=batch_size, tta_flip=bool(cfg.aug.tta_flip),
-                            device=device, precision=cfg.train.precision, channels_last=bool(cfg.train.channels_last),
-                            progress="test" if progress else None)
+    policy = process_precision(precision, device)
+    logits = batched_logits(model, cache.images, spec.mean, spec.std, policy, batch_size=batch_size,
+                            tta_flip=bool(cfg.aug.tta_flip), device=device,
+                            channels_last=bool(cfg.train.channels_last), progress="test" if progress else None)
     y = np.asarray(folder.labels)
     pred = logits.argmax(1).numpy()
     k = len(classes)
@@ -83,6 +88,7 @@ def test_mode(cfg: DictConfig, out_dir: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     overridden_root = any(o.startswith("data.root=") for o in HydraConfig.get().overrides.task)
-    result = test_checkpoint(cfg.ckpt, out_dir, cfg.data.root if overridden_root else None)
+    result = test_checkpoint(cfg.ckpt, out_dir, cfg.data.root if overridden_root else None,
+                             precision=cfg.train.precision)
     print_test(result)
     print(f"wrote {Path(out_dir) / 'test.json'}")

@@ -25,6 +25,7 @@ import inat
 from inat.checkpoint import load_checkpoint
 from inat.data.folder import IMAGE_EXTENSIONS
 from inat.data.images import decode_image, to_float
+from inat.inference import Precision, batched_logits
 from inat.errors import InatError
 from inat.models import ModelSpec, model_from_checkpoint
 from inat.runs import temp_path, write_json
@@ -54,7 +55,7 @@ def preprocessing_metadata(spec: ModelSpec, classes: List[str], model_name: str)
         "mean": json.dumps([float(v) for v in spec.mean]),
         "std": json.dumps([float(v) for v in spec.std]),
         "interpolation": spec.interpolation,
-        "crop_pct": str(float(spec.extra.get("crop_pct", 1.0))),
+        "crop_pct": str(float(spec.crop_pct)),
         "scale": "1/255 then (x - mean) / std",
         "classes": json.dumps(list(classes)),
     }
@@ -67,7 +68,7 @@ def verification_images(data_root: str | None, spec: ModelSpec, n: int) -> Tuple
     not; the test folder is never read, so exporting cannot touch held-out data.
     """
     size = int(spec.input_size)
-    crop_pct = float(spec.extra.get("crop_pct", 1.0))
+    crop_pct = float(spec.crop_pct)
     train = Path(data_root) / "train" if data_root else None
     if train is not None and train.is_dir():
         files = sorted(p for p in train.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -172,8 +173,10 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
     example = torch.zeros(TRACE_BATCH, 3, size, size)
     images, source = verification_images(state["config"].get("data", {}).get("root"), spec, int(verify_images))
     x = to_float(torch.from_numpy(images), spec.mean, spec.std).contiguous()  # (B, 3, S, S)
-    with torch.no_grad():
-        reference = model(x).numpy()
+    # The exported graph computes in fp32, so its reference is the inference module's fp32 policy.
+    fp32 = Precision("32", "export parity: the exported graph computes in fp32")
+    reference = batched_logits(model, images, spec.mean, spec.std, fp32, device=torch.device("cpu"),
+                               channels_last=False).numpy()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

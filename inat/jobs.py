@@ -14,7 +14,7 @@ def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
 
     Sweep trials never read the test folder, whatever ``train.then_test`` says.
     """
-    from inat.train import fit
+    from inat.training import fit
 
     callback = None
     if in_multirun() and cfg.sweep.prune:
@@ -31,6 +31,7 @@ def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
         if cfg.train.then_test and not in_multirun():
             from inat.evaluate import print_test, test_checkpoint
 
-            result = test_checkpoint(Path(out_dir) / "checkpoints" / "best.pt", Path(out_dir) / "test")
+            result = test_checkpoint(Path(out_dir) / "checkpoints" / "best.pt", Path(out_dir) / "test",
+                                     precision=cfg.train.precision)
             print_test(result)
     return float(summary["best_val_accuracy"])

@@ -26,7 +26,7 @@ from inat.data.images import decode_image
 from inat.errors import InatError
 from inat.models import ModelSpec, model_from_checkpoint
 from inat.runs import temp_path
-from inat.train import pick_device, predict_logits
+from inat.inference import batched_logits, pick_device, process_precision
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
@@ -67,7 +67,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> List[Path]:
 
 
 def _decode_chunk(pool: ThreadPoolExecutor, paths: Sequence[Path], spec: ModelSpec) -> List[Future]:
-    crop_pct = float(spec.extra.get("crop_pct", 1.0))
+    crop_pct = float(spec.crop_pct)
     return [pool.submit(decode_image, p, spec.input_size, spec.interpolation, crop_pct) for p in paths]
 
 
@@ -110,7 +110,8 @@ def top_k_record(path: Path, probs: torch.Tensor, classes: Sequence[str], k: int
 
 
 def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: Path, *, top_k: int = 3,
-                   tta: bool = False, batch_size: int = 64, workers: int = 0, echo: bool = True) -> PredictResult:
+                   tta: bool = False, batch_size: int = 64, workers: int = 0, echo: bool = True,
+                   precision: str = "auto") -> PredictResult:
     """Score every image under ``inputs`` with the checkpoint and write ``predictions.jsonl``.
 
     Prints each image's top-k classes (when ``echo``) and one warning line per unreadable
@@ -132,10 +133,9 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     k = min(top_k, len(classes))
     device = pick_device()
     model.to(device)
-    # bf16 autocast on a CPU is often slower than fp32 and shifts probabilities in the third
-    # digit; on a GPU it halves the time of large folders, at a precision that never flips a
-    # clear top class.
-    precision = "bf16" if device.type == "cuda" else "32"
+    # The process's policy (fp32 unless the hardware has native bf16/fp16): emulated bf16 on
+    # a CPU is slower than fp32, and native half precision never flips a clear top class.
+    policy = process_precision(precision, device, announce=False)
     workers = workers or min(8, os.cpu_count() or 1)
 
     out_dir = Path(out_dir)
@@ -151,8 +151,8 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                     result.skipped.append((str(path), reason))
                     bar.write(f"warning: skipped '{path}' ({reason})", file=sys.stderr)
                 if len(good):
-                    logits = predict_logits(model, images, spec, batch_size=batch_size, tta_flip=tta, device=device,
-                                            precision=precision, channels_last=device.type == "cuda")
+                    logits = batched_logits(model, images, spec.mean, spec.std, policy, batch_size=batch_size,
+                                            tta_flip=tta, device=device, channels_last=device.type == "cuda")
                     probs = logits.softmax(dim=1)
                     for path, p in zip(good, probs):
                         record = top_k_record(path, p, classes, k)
@@ -178,6 +178,6 @@ def predict_mode(cfg: DictConfig, out_dir: Path) -> None:
     """``+mode=predict ckpt=PATH predict.inputs=[PATH,...]``: top-k classes per image, as text and JSONL."""
     p = cfg.predict
     result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=int(p.top_k), tta=bool(p.tta),
-                            batch_size=int(p.batch_size), workers=int(p.workers))
+                            batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision)
     skipped = f"; skipped {len(result.skipped)} unreadable file(s)" if result.skipped else ""
     print(f"scored {len(result.records)} image(s){skipped}; wrote {result.path}")

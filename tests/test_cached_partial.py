@@ -69,7 +69,7 @@ def test_cached_partial_run_trains_only_the_suffix_and_its_val_matches_the_whole
 
     from inat.checkpoint import load_checkpoint
     from inat.models import model_from_checkpoint
-    from inat.train import predict_logits
+    from inat.inference import Precision, batched_logits
 
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     model, spec, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -86,9 +86,10 @@ def test_cached_partial_run_trains_only_the_suffix_and_its_val_matches_the_whole
 
     val = json.loads((run_dir / "split.json").read_text())["val"]
     images = load_or_build([data / r["path"] for r in val], spec.input_size, interpolation=spec.interpolation,
-                           crop_pct=float(spec.extra.get("crop_pct", 1.0)), directory=None, workers=1,
+                           crop_pct=float(spec.crop_pct), directory=None, workers=1,
                            label="val", progress=False).images
-    logits = predict_logits(model, images, spec, tta_flip=True, precision="32", channels_last=False)
+    logits = batched_logits(model, images, spec.mean, spec.std, Precision("32", "test"), tta_flip=True,
+                            device=torch.device("cpu"), channels_last=False)
     acc = float((logits.argmax(1).numpy() == np.array([r["label"] for r in val])).mean())
     assert acc == pytest.approx(ckpt["state"]["history"][-1]["val_accuracy"], abs=1e-6)
 

@@ -8,6 +8,7 @@ batch-level by nature and come from torchvision.transforms.v2.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Tuple
 
 import torch
@@ -20,8 +21,8 @@ class BatchAugment:
     def __init__(self, aug_cfg: Any, mean, std, num_classes: int) -> None:
         self.cfg = aug_cfg
         self.num_classes = num_classes
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.mix = None
         choices = []
         if aug_cfg.mixup > 0:
@@ -51,17 +52,20 @@ class BatchAugment:
                 x = random_flip(x, gen)
         if cfg.color > 0:
             x = color_jitter(x, float(cfg.color), gen)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # moved once; later batches find the constants there
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        x = (x - self.mean) / self.std
         if cfg.erasing > 0:
             x = random_erasing(x, float(cfg.erasing), gen)
         if self.mix is not None:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # v2 uses the global RNG
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)))  # v2 uses the global RNG
             x, y = self.mix(x, y)
         return x, y
 
 
 def _uniform(n: int, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen).to(device)
+    # Drawn on the generator's own device (a CUDA generator for GPU batches: no host round trip).
+    return torch.rand(n, generator=gen, device=gen.device).to(device)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -74,8 +78,8 @@ def random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
     """Translate each image by up to ``pad`` pixels (reflect padding), a per-sample crop."""
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
     out = padded.gather(2, rows)  # (B, C, H, W+2p)
     cols = (dx[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
@@ -90,7 +94,7 @@ def random_resized_crop(x: torch.Tensor, min_scale: float, flip: bool, gen: torc
     """
     b = x.shape[0]
     area = min_scale + (1 - min_scale) * _uniform(b, gen, x.device)
-    log_ratio = (torch.rand(b, generator=gen).to(x.device) * 2 - 1) * torch.log(torch.tensor(4 / 3))
+    log_ratio = (_uniform(b, gen, x.device) * 2 - 1) * math.log(4 / 3)
     ratio = torch.exp(log_ratio)
     sw = torch.sqrt(area * ratio).clamp(max=1.0)
     sh = torch.sqrt(area / ratio).clamp(max=1.0)
@@ -125,7 +129,7 @@ def random_erasing(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Ten
     b, _, h, w = x.shape
     apply = _uniform(b, gen, x.device) < p
     area = (0.02 + 0.23 * _uniform(b, gen, x.device)) * h * w
-    ratio = torch.exp((_uniform(b, gen, x.device) * 2 - 1) * torch.log(torch.tensor(3.0)))
+    ratio = torch.exp((_uniform(b, gen, x.device) * 2 - 1) * math.log(3.0))
     eh = torch.sqrt(area * ratio).clamp(1, h).long()
     ew = torch.sqrt(area / ratio).clamp(1, w).long()
     y0 = (_uniform(b, gen, x.device) * (h - eh + 1)).long()
@@ -142,6 +146,6 @@ def _trivial_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     from torchvision.transforms import v2
 
     ta = v2.TrivialAugmentWide()
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)))
     chw = x.permute(0, 3, 1, 2)
     return torch.stack([ta(img) for img in chw]).permute(0, 2, 3, 1)

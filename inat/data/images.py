@@ -35,18 +35,25 @@ def decode_image(path, size: int, interpolation: str = "bilinear", crop_pct: flo
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (target, target))  # keeps the decoded side >= target
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = target / min(w, h)
-            nw, nh = max(target, round(w * scale)), max(target, round(h * scale))
-            img = img.resize((nw, nh), resample=resample)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8)
+            return fit_image(img.convert("RGB"), size, interpolation, crop_pct)
     except InatError:
         raise
     except Exception as err:  # PIL raises many types for bad files; the user needs the path
         raise InatError(f"Image '{name or path}' could not be decoded ({type(err).__name__}: {err}); run +mode=audit to list bad files.") from err
+
+
+def fit_image(img, size: int, interpolation: str = "bilinear", crop_pct: float = 1.0) -> np.ndarray:
+    """A PIL RGB image resized (shorter side ``size / crop_pct``) and centre-cropped to uint8 (size, size, 3)."""
+    resample = _RESAMPLE.get(interpolation)
+    if resample is None:
+        raise InatError(f"Unknown interpolation '{interpolation}': valid are {', '.join(_RESAMPLE)}.")
+    target = max(size, int(round(size / crop_pct)))
+    w, h = img.size
+    scale = target / min(w, h)
+    nw, nh = max(target, round(w * scale)), max(target, round(h * scale))
+    img = img.resize((nw, nh), resample=resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def to_float(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

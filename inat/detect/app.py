@@ -113,26 +113,28 @@ class SpeciesNamer:
 
         if not Path(checkpoint).is_file():
             raise InatError(f"Classifier checkpoint {checkpoint} (detect.classify) does not exist.")
-        self.model, spec, self.classes = model_from_checkpoint(checkpoint)
-        size = spec.input_size
-        self.size = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.model, self.spec, self.classes = model_from_checkpoint(checkpoint)
+        # The checkpoint's own preprocessing (size, interpolation, crop_pct), as in test mode.
+        from inat.inference import Preprocess, pick_device, process_precision
 
-    @torch.inference_mode()
+        self.preprocess = Preprocess.from_spec(self.spec)
+        self.device = pick_device()
+        self.model.to(self.device)
+        self.precision = process_precision("auto", self.device, announce=False)
+
     def name(self, image_rgb: np.ndarray, boxes: Sequence[Tuple[float, float, float, float]]) -> List[Tuple[str, float]]:
         """(class name, probability) for each box's crop of the ``(H, W, 3)`` RGB image."""
-        import cv2
+        from inat.inference import batched_logits
 
         if not boxes:
             return []
         crops = []
         for x1, y1, x2, y2 in boxes:
             crop = image_rgb[int(y1):max(int(y1) + 1, int(round(y2))), int(x1):max(int(x1) + 1, int(round(x2)))]
-            crops.append(cv2.resize(crop, (self.size[1], self.size[0]), interpolation=cv2.INTER_AREA))
-        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
-        probs = torch.softmax(self.model((batch - self.mean) / self.std).float(), dim=1)  # (B, K)
-        best, index = probs.max(dim=1)
+            crops.append(self.preprocess.array(crop))  # (S, S, 3) uint8
+        logits = batched_logits(self.model, np.stack(crops), self.spec.mean, self.spec.std, self.precision,
+                                device=self.device, channels_last=False)
+        best, index = torch.softmax(logits, dim=1).max(dim=1)
         return [(self.classes[int(i)], round(float(p), 4)) for p, i in zip(best, index)]
 
 

@@ -59,7 +59,7 @@ def decode_many(paths: Sequence[Path], spec: ModelSpec, workers: int = 2) -> np.
     divides the wall time by the number of cores without pickling images across processes.
     """
     size = int(spec.input_size)
-    crop_pct = float(spec.extra.get("crop_pct", 1.0))  # pretrained specs resize larger then centre-crop
+    crop_pct = float(spec.crop_pct)  # pretrained specs resize larger then centre-crop
     if not paths:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -73,36 +73,34 @@ def normalise(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
 
 
 def score_images(model: InatModel, spec: ModelSpec, images: np.ndarray, batch_size: int = 128,
-                 tta_flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 tta_flip: bool = False, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Batched no-grad forward passes: ``(probs (N, K), conv5_max (N, C5))``.
 
     With ``tta_flip`` the logits are averaged with the mirrored image's, as test mode does,
     so the accuracy here matches test.json; CONV5 maxima come from the unmirrored pass.
+    The forward passes are the inference module's, under the process's precision policy.
     """
+    from inat.inference import batched_logits, process_precision
+
     captured: List[torch.Tensor] = []
     keep = [True]
 
     def keep_max(_module, _inputs, output: torch.Tensor) -> None:
         if keep[0]:
-            captured.append(output.detach().amax(dim=(2, 3)).float())  # (B, C5, h, w) -> (B, C5)
+            captured.append(output.detach().amax(dim=(2, 3)).float().cpu())  # (B, C5, h, w) -> (B, C5)
+        if tta_flip:  # with TTA every second call is the mirrored pass
+            keep[0] = not keep[0]
 
+    device = next(model.parameters()).device
     handle = model.last_conv().register_forward_hook(keep_max)
-    probs: List[torch.Tensor] = []
     try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                x = normalise(images[start:start + batch_size], spec)  # (B, 3, S, S)
-                keep[0] = True
-                logits = model(x).float()
-                if tta_flip:
-                    keep[0] = False
-                    logits = (logits + model(x.flip(3)).float()) / 2
-                probs.append(torch.softmax(logits, dim=1))
+        logits = batched_logits(model, images, spec.mean, spec.std, process_precision(precision, device, announce=False),
+                                batch_size=batch_size, tta_flip=tta_flip, device=device, channels_last=False)
     finally:
         handle.remove()
-    if not probs:
+    if len(logits) == 0:
         return np.zeros((0, spec.num_classes), np.float32), np.zeros((0, 0), np.float32)
-    return torch.cat(probs).numpy(), torch.cat(captured).numpy()
+    return torch.softmax(logits, dim=1).numpy(), torch.cat(captured).numpy()
 
 
 def score_test_set(model: InatModel, spec: ModelSpec, classes: Sequence[str], root: str | Path,
@@ -119,7 +117,7 @@ def score_test_set(model: InatModel, spec: ModelSpec, classes: Sequence[str], ro
         if len(split) == 0:
             raise InatError(f"The test folder of '{root}' has no images to explain.")
         cache = load_or_build(split.paths, int(spec.input_size), interpolation=spec.interpolation,
-                              crop_pct=float(spec.extra.get("crop_pct", 1.0)), directory=cache_dir, label="test/")
+                              crop_pct=float(spec.crop_pct), directory=cache_dir, label="test/")
     images = np.asarray(cache.images)  # (N, S, S, 3) uint8 memory map
     probs, conv5 = score_images(model, spec, images, batch_size, tta_flip)
     return TestScores(list(classes), list(split.paths), np.asarray(split.labels, dtype=np.int64), images, probs, conv5)

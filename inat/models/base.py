@@ -22,6 +22,8 @@ class ModelSpec:
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    # Resize the shorter side to input_size / crop_pct, then centre-crop input_size (1.0 = no margin).
+    crop_pct: float = 1.0
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:

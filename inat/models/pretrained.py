@@ -219,7 +219,7 @@ def _spec(name: str, num_classes: int, model_cfg: Any, size: int, mean: Sequence
     input_size = int(_option(model_cfg, "input_size", size))
     return ModelSpec(name=name, num_classes=num_classes, input_size=input_size,
                      mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                     interpolation=interpolation, extra={"crop_pct": float(crop_pct), **extra})
+                     interpolation=interpolation, crop_pct=float(crop_pct), extra=dict(extra))
 
 
 def _network_error(what: str, where: str, err: BaseException) -> InatError:

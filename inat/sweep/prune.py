@@ -1,4 +1,4 @@
-"""Median stopping rule for sweep trials, called by ``inat.train.fit`` after every epoch.
+"""Median stopping rule for sweep trials, called by ``inat.training.fit`` after every epoch.
 
 A trial is stopped after epoch e (e > ``sweep.prune_warmup_epochs``) when its validation
 accuracy at e is below the median of the finished trials' validation accuracy at e, once at

@@ -1,0 +1,71 @@
+"""The decoded training set and its split, built once per (dataset, size) and shared by the sources."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List
+
+import numpy as np
+
+from inat.data.cache import load_or_build
+from inat.data.folder import FolderSplit
+from inat.data.split import build_split
+from inat.models import ModelSpec
+from inat.training import distributed
+
+# Named, separate seeds (STYLE 6): the split has data.split_seed; these derive from `seed`.
+SEED_INIT, SEED_ORDER, SEED_AUG, SEED_VIEWS = 0, 1, 2, 3
+
+
+@dataclass
+class TrainData:
+    """Decoded images of train/ and the split: ``images[train_idx]`` are trained on."""
+
+    root: Path
+    folder: FolderSplit
+    images: np.ndarray  # (N, S, S, 3) uint8 memory map
+    labels: np.ndarray  # (N,) int64
+    sha1: List[str]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+    @property
+    def classes(self) -> List[str]:
+        return list(self.folder.classes)
+
+
+def resolve_root(data_cfg: Any) -> Path:
+    """The dataset root, downloading nature_12K on first use (once per node under torchrun)."""
+    from inat.data.download import ensure_dataset
+
+    return Path(distributed.local_first(lambda: ensure_dataset(data_cfg)))
+
+
+def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, progress: bool = True) -> TrainData:
+    """Decode train/ once at the model's input size and split it, stratified and seeded.
+
+    Under torchrun each node's local rank 0 builds the cache while the other ranks wait at
+    a barrier, then they map the finished file.
+    """
+    cache = distributed.local_first(lambda: load_or_build(
+        folder.paths, spec.input_size, interpolation=spec.interpolation, crop_pct=float(spec.crop_pct),
+        directory=data_cfg.cache_dir, workers=int(data_cfg.workers), label="train/", progress=progress))
+    labels = np.asarray(folder.labels, dtype=np.int64)
+    train_idx, val_idx = build_split(labels, float(data_cfg.val_fraction), int(data_cfg.split_seed))
+    return TrainData(root, folder, cache.images, labels, cache.sha1, train_idx, val_idx)
+
+
+def epoch_order(data: TrainData, seed: int, epoch: int, batch_size: int, rank: int, world_size: int):
+    """This rank's share of the epoch's seeded permutation and its number of full batches.
+
+    Equal shares keep DDP ranks in step; the ragged last batch is dropped (BatchNorm
+    dislikes tiny batches), except that a share smaller than one batch is one batch.
+    """
+    import torch
+
+    order = torch.Generator().manual_seed(seed * 1000 + SEED_ORDER + 7919 * epoch)
+    perm = data.train_idx[torch.randperm(len(data.train_idx), generator=order).numpy()]
+    per_rank = len(perm) // world_size
+    perm = perm[rank * per_rank:(rank + 1) * per_rank]
+    n_batches = len(perm) // batch_size if len(perm) >= batch_size else 1
+    return perm, n_batches

@@ -1,0 +1,119 @@
+"""DDP that cannot hang or drift: rank 0 decides, every rank follows.
+
+Every decision that ends or shapes training (the time budget, early stopping, pruning, the
+schedule's progress) is taken on rank 0 and broadcast, so ranks never break out of the loop
+at different steps (which hangs the next all-reduce) or apply different learning rates. The
+DDP wrapper is rebuilt when the set of trainable parameters changes (gradual unfreezing):
+DDP registers its all-reduce hooks only for parameters that required grad when it was built.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, List, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from inat.runs import world
+
+T = TypeVar("T")
+
+
+def init(device: torch.device) -> None:
+    """Join torchrun's process group: NCCL bound to this rank's GPU, gloo on the CPU."""
+    _, world_size = world()
+    if world_size <= 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+
+
+def active() -> bool:
+    """True when more than one process trains."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def local_first(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on each node's local rank 0 first (download, cache build), then on the others."""
+    if not active():
+        return fn()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    result = fn() if local == 0 else None
+    dist.barrier()
+    if local != 0:
+        result = fn()  # finds the finished download / cache
+    return result  # type: ignore[return-value]
+
+
+def decide(value: T) -> T:
+    """Rank 0's ``value`` on every rank (any picklable object); identity in one process."""
+    if not active():
+        return value
+    box: List[Any] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_float(value: float, device: torch.device) -> float:
+    """Rank 0's float on every rank, as one tensor broadcast (cheaper than pickling)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def trainable_signature(model: nn.Module) -> tuple:
+    """Which parameters require grad, as a hashable tuple (changes when groups are unfrozen)."""
+    return tuple(p.requires_grad for p in model.parameters())
+
+
+class Wrapper:
+    """The module the optimizer step runs: the model, DDP around it, and torch.compile on top.
+
+    ``refresh()`` rebuilds DDP when the trainable set changed since the last build, so layers
+    that gradual unfreezing turns on are all-reduced like the rest.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, *, compile: bool = False,
+                 sync_bn: bool = False) -> None:
+        self.model, self.device, self.compile = model, device, compile
+        self.sync_bn = sync_bn
+        self._signature: Optional[tuple] = None
+        self.module: nn.Module = model
+        self.rebuilds = 0
+
+    def refresh(self) -> nn.Module:
+        sig = trainable_signature(self.model)
+        if sig == self._signature:
+            return self.module
+        self._signature = sig
+        module: nn.Module = self.model
+        if active():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.rebuilds += 1
+        if self.compile:
+            module = torch.compile(module)
+        self.module = module
+        return module
+
+
+def convert_sync_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm layers that average statistics across ranks (small per-GPU batches)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,353 @@
+"""The training loop: ``setup`` -> ``train_one_epoch`` / evaluate per epoch -> ``finish``.
+
+The host never waits for the device inside an epoch: the loss and correct counts stay on
+the device and are read once per epoch (and at the progress bar's log interval). Under
+torchrun every stopping decision is rank 0's, broadcast (see ``inat.training.distributed``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from inat.checkpoint import load_checkpoint
+from inat.data.folder import scan_train
+from inat.data.split import write_manifest
+from inat.errors import InatError
+from inat.inference import Precision, pick_device, process_precision
+from inat.models import InatModel, build_from_config
+from inat.runs import world
+from inat.training import distributed
+from inat.training.data import SEED_AUG, SEED_INIT, TrainData, epoch_order, load_data, resolve_root
+from inat.training.optim import check_schedule, lr_factor, make_optimizer, set_lr
+from inat.training.sources import FeatureSource, ImageSource, PrefixViewSource
+from inat.training.writer import RunWriter, environment, restore_rng, rng_state
+
+# Keys allowed to differ between the first run and its resumption.
+_RESUME_FREE = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep"}
+
+
+@dataclass
+class Setup:
+    """Everything one training run holds, built by :func:`setup`."""
+
+    cfg: DictConfig
+    device: torch.device
+    precision: Precision
+    model: InatModel
+    data: TrainData
+    source: Any  # ImageSource | FeatureSource | PrefixViewSource
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    wrapper: distributed.Wrapper
+    writer: RunWriter
+    ema: Optional[nn.Module] = None
+    cache_seconds: float = 0.0
+    state: Dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "step": 0, "train_seconds": 0.0,
+                                                           "best_val_accuracy": -1.0, "best_epoch": 0,
+                                                           "bad_epochs": 0, "history": []})
+
+
+class Budget:
+    """Training time and schedule progress as rank 0 sees them.
+
+    In one process the clock is read every step (no device sync). Under DDP rank 0's
+    elapsed time is broadcast every ``every`` steps, so every rank applies the same learning
+    rate and stops at the same step.
+    """
+
+    def __init__(self, seconds: float, total_steps: int, device: torch.device, every: int = 8) -> None:
+        self.seconds, self.total_steps, self.device = seconds, max(1, total_steps), device
+        self.every = every if distributed.active() else 1
+        self.spent, self.t0, self.elapsed = 0.0, 0.0, 0.0
+
+    def start(self, spent: float) -> None:
+        self.spent, self.t0, self.elapsed = spent, time.perf_counter(), spent
+
+    def tick(self, step_in_epoch: int) -> None:
+        if step_in_epoch % self.every == 0:
+            self.elapsed = distributed.broadcast_float(self.spent + time.perf_counter() - self.t0, self.device)
+
+    def progress(self, step: int) -> float:
+        p = step / self.total_steps
+        return min(1.0, max(p, self.elapsed / self.seconds) if self.seconds > 0 else p)
+
+    @property
+    def over(self) -> bool:
+        return self.seconds > 0 and self.elapsed >= self.seconds
+
+    def epoch_seconds(self) -> float:
+        """This epoch's training seconds, rank 0's on every rank."""
+        return distributed.broadcast_float(time.perf_counter() - self.t0, self.device)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN autotuning for speed, or deterministic kernels when a resumed GPU run must be exact."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def loss_fn(cfg: DictConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    smoothing = float(cfg.optim.label_smoothing)
+    return lambda logits, target: F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+
+
+def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -> Dict[str, float]:
+    """One pass over this rank's share of a seeded permutation; returns the epoch's train metrics."""
+    from tqdm import tqdm
+
+    cfg, state, optimizer, device = s.cfg, s.state, s.optimizer, s.device
+    rank, world_size = world()
+    bs = int(cfg.train.batch_size)
+    perm, n_batches = epoch_order(s.data, cfg.seed, epoch, bs, rank, world_size)
+    warmup = float(cfg.optim.warmup_epochs) / max(1, int(cfg.train.epochs))
+    log_every = int(cfg.train.log_every) or 50
+    step_module = s.wrapper.refresh()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    budget.start(state["train_seconds"])
+    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=rank != 0,
+               mininterval=1.0)
+    batches = s.source.batches(perm, bs, n_batches, cfg.seed * 1000 + SEED_AUG + 7919 * epoch + 104729 * rank)
+    for b, (x, target) in enumerate(batches):
+        budget.tick(b)
+        set_lr(optimizer, lr_factor(budget.progress(state["step"]), warmup, cfg.optim.schedule))
+        with s.precision.autocast():
+            logits = step_module(x)
+            loss = criterion(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            s.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(s.model.parameters(), float(cfg.optim.grad_clip))
+        s.scaler.step(optimizer)
+        s.scaler.update()
+        if s.ema is not None:
+            s.ema.update_parameters(s.model)
+        state["step"] += 1
+        hard = target.argmax(1) if target.ndim == 2 else target
+        correct += (logits.argmax(1) == hard).sum()
+        loss_sum += loss.detach() * len(hard)
+        seen += len(hard)
+        bar.update(1)
+        if rank == 0 and b > 0 and b % log_every == 0:  # the only sync inside the epoch
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if budget.over:
+            break
+    bar.close()
+    dt = budget.epoch_seconds()
+    state["train_seconds"] += dt
+    return {"train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"], "images_per_sec": seen * world_size / max(dt, 1e-9)}
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> Setup:
+    """Device, precision, data, model, optimizer, input source and writer of a run (resumed if asked)."""
+    rank, world_size = world()
+    is_main = rank == 0
+    if int(cfg.train.threads) > 0:
+        torch.set_num_threads(int(cfg.train.threads))
+    device = pick_device()
+    distributed.init(device)
+    configure_backends(device, bool(cfg.train.deterministic))
+    check_schedule(cfg.optim.schedule)
+    precision = process_precision(cfg.train.precision, device, announce=is_main)
+    root = resolve_root(cfg.data)
+    folder = scan_train(root)
+    torch.manual_seed(cfg.seed * 1000 + SEED_INIT)
+    model: InatModel = build_from_config(cfg, len(folder.classes))
+    spec = model.spec
+    if cfg.finetune.strategy != "none":
+        from inat.models.freeze import setup_finetune
+
+        setup_finetune(model, cfg.finetune)
+    data = load_data(cfg.data, spec, root, folder, progress=is_main)
+    if is_main:
+        write_manifest(Path(run_dir) / "split.json", root, folder.classes, folder.paths, folder.labels, data.sha1,
+                       data.train_idx, data.val_idx, int(cfg.data.split_seed), float(cfg.data.val_fraction))
+    if world_size > 1 and cfg.train.sync_bn:
+        model = distributed.convert_sync_bn(model)
+    model.to(device)
+    channels_last = bool(cfg.train.channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg.train, cfg.optim, cfg.finetune, device)
+    ema = None
+    if float(cfg.train.ema) > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(cfg.train.ema)), use_buffers=True)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    s = Setup(cfg, device, precision, model, data, None, optimizer, precision.grad_scaler(),
+              distributed.Wrapper(model, device, compile=bool(cfg.train.compile)),
+              RunWriter(run_dir, cfg, cfg_dict, is_main), ema)
+    if cfg.resume:
+        _resume(s, Path(run_dir), cfg_dict)
+    t_cache = time.perf_counter()
+    s.source = _source(s, channels_last, is_main)
+    s.cache_seconds = time.perf_counter() - t_cache
+    if not isinstance(s.source, ImageSource):
+        s.writer.say(f"{s.source.kind} cached once in {s.cache_seconds:.0f} s ({s.source.bytes / 2**20:.0f} MiB)")
+    if s.source.module is not model:  # the step trains the head or the suffix only
+        s.wrapper.model = s.source.module
+    return s
+
+
+def _source(s: Setup, channels_last: bool, progress: bool):
+    cfg, ft = s.cfg, s.cfg.finetune
+    common = dict(channels_last=channels_last, eval_batch_size=int(cfg.train.eval_batch_size))
+    _, world_size = world()
+    if ft.strategy == "linear_probe" and ft.cached_features and world_size == 1:
+        return FeatureSource(s.model, s.data, s.model.spec, s.precision, s.device, progress=progress, **common)
+    if ft.strategy == "partial" and int(ft.cache_views) > 0:
+        if world_size > 1:
+            raise InatError("finetune.cache_views works in one process; set finetune.cache_views=0 under torchrun.")
+        return PrefixViewSource(s.model, s.data, s.model.spec, cfg.aug, ft, s.precision, s.device, seed=cfg.seed,
+                                tta_flip=bool(cfg.aug.tta_flip), progress=progress, **common)
+    return ImageSource(s.model, s.data, s.model.spec, cfg.aug, s.precision, s.device,
+                       tta_flip=bool(cfg.aug.tta_flip), **common)
+
+
+def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in cfg_dict.items() if k not in _RESUME_FREE}
+
+
+def _resume(s: Setup, run_dir: Path, cfg_dict: Dict[str, Any]) -> None:
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise InatError(f"resume=true but '{last}' does not exist; pass the run folder with hydra.run.dir=RUN_DIR.")
+    saved = load_checkpoint(last)
+    if _comparable(saved["config"]) != _comparable(cfg_dict):
+        raise InatError(f"resume=true with a config that differs from the one in '{last}'; resume with the same overrides.")
+    s.model.load_state_dict(saved["model"])
+    s.optimizer.load_state_dict(saved["optimizer"])
+    if s.ema is not None and saved.get("ema_full"):
+        s.ema.load_state_dict(saved["ema_full"])
+    if saved.get("scaler"):
+        s.scaler.load_state_dict(saved["scaler"])
+    s.state.update(saved["state"])
+    restore_rng(saved["rng"], s.device)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    s.writer.say(f"Resuming from epoch {s.state['epoch']} of {last}")
+
+
+def _checkpoint(s: Setup) -> Dict[str, Any]:
+    data, ema = s.data, s.ema
+    return {"config": s.writer.cfg_dict, "classes": data.classes, "spec": s.model.spec.to_dict(),
+            "model": s.model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+            "ema_full": ema.state_dict() if ema is not None else None, "optimizer": s.optimizer.state_dict(),
+            "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, "state": s.state,
+            "rng": rng_state(s.device), "precision": s.precision.name,
+            "split_sha1": {"train": [data.sha1[i] for i in data.train_idx], "val": [data.sha1[i] for i in data.val_idx]}}
+
+
+def _stop_reason(s: Setup, record: Dict[str, Any], budget: Budget, callback: Optional[Callable]) -> Optional[str]:
+    """Why training ends after this epoch (None: it goes on). Evaluated on rank 0 only."""
+    cfg, state = s.cfg, s.state
+    reason = callback(record) if callback is not None else None
+    if reason:
+        return f"pruned: {reason}"
+    if cfg.train.early_stopping > 0 and state["bad_epochs"] >= int(cfg.train.early_stopping):
+        return "early_stopping"
+    if budget.seconds > 0 and state["train_seconds"] >= budget.seconds:
+        return "budget"
+    return None
+
+
+def fit(cfg: DictConfig, run_dir: Path,
+        epoch_callback: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None) -> Dict[str, Any]:
+    """Train with the composed config, writing the run folder; returns the summary dict.
+
+    ``epoch_callback(record)`` runs on rank 0 after each epoch's checkpoint; a non-empty
+    string it returns stops training with ``stop_reason = "pruned: <reason>"`` (sweeps use it
+    to stop weak trials early without this module knowing about sweeps).
+    """
+    t_start = time.perf_counter()
+    s = setup(cfg, Path(run_dir))
+    rank, world_size = world()
+    state, epochs, spec = s.state, int(cfg.train.epochs), s.model.spec
+    steps_per_epoch = max(1, (len(s.data.train_idx) // world_size) // int(cfg.train.batch_size))
+    budget = Budget(float(cfg.train.max_minutes) * 60, epochs * steps_per_epoch, s.device)
+    criterion = loss_fn(cfg)
+    s.writer.say(f"{spec.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters, {len(s.data.classes)} "
+                 f"classes, {len(s.data.train_idx)} train / {len(s.data.val_idx)} val images at {spec.input_size}px "
+                 f"on {s.device}, input: {s.source.kind}")
+    stop_reason = "epochs"
+    for epoch in range(state["epoch"], epochs):
+        if cfg.finetune.strategy != "none":
+            from inat.models.freeze import on_epoch_start, set_train_mode
+
+            on_epoch_start(s.model, cfg.finetune, epoch)
+            set_train_mode(s.model, cfg.finetune)
+        else:
+            s.model.train()
+        row = train_one_epoch(s, epoch, budget, criterion)
+        val_loss, val_acc = (float(v) for v in s.source.evaluate(s.ema.module if s.ema is not None else s.model))
+        state["epoch"] = epoch + 1
+        record = {"epoch": epoch + 1, "train_loss": round(row["train_loss"], 6),
+                  "train_accuracy": round(row["train_accuracy"], 6), "val_loss": round(val_loss, 6),
+                  "val_accuracy": round(val_acc, 6), "lr": row["lr"], "images_per_sec": round(row["images_per_sec"], 1),
+                  "seconds": round(state["train_seconds"], 2)}
+        state["history"].append(record)
+        improved = val_acc > state["best_val_accuracy"]
+        if improved:
+            state["best_val_accuracy"], state["best_epoch"], state["bad_epochs"] = val_acc, epoch + 1, 0
+        else:
+            state["bad_epochs"] += 1
+        s.writer.epoch(record, _checkpoint(s) if rank == 0 else {}, improved, state["history"], epochs,
+                       state["best_val_accuracy"])
+        if os.environ.get("INAT_KILL_AFTER_EPOCH") == str(epoch + 1):  # fault injection for the resume test
+            os.kill(os.getpid(), signal.SIGKILL)
+        reason = distributed.decide(_stop_reason(s, record, budget, epoch_callback) if rank == 0 else None)
+        if reason:
+            stop_reason = reason
+            if reason.startswith("pruned"):
+                s.writer.say(f"stopped early: {reason[len('pruned: '):]}")
+            break
+    summary = _summary(s, stop_reason, time.perf_counter() - t_start)
+    s.writer.finish(summary)
+    if os.environ.get("INAT_RANK_DIGEST"):  # test hook: each rank's final step and weights
+        _write_digest(s, Path(run_dir), rank)
+    distributed.destroy()
+    return summary
+
+
+def _summary(s: Setup, stop_reason: str, wall: float) -> Dict[str, Any]:
+    state, hist, model = s.state, s.state["history"], s.model
+    _, world_size = world()
+    return {
+        "best_val_accuracy": state["best_val_accuracy"], "val_accuracy": hist[-1]["val_accuracy"] if hist else None,
+        "best_epoch": state["best_epoch"], "epochs": state["epoch"], "steps": state["step"], "stop_reason": stop_reason,
+        "train_images_per_sec": round(sum(h["images_per_sec"] for h in hist) / max(1, len(hist)), 1),
+        "train_seconds": round(state["train_seconds"], 2), "wall_seconds": round(wall, 2),
+        "cache_seconds": round(s.cache_seconds, 2), "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "model": model.spec.name,
+        "classes": s.data.classes, "n_train": int(len(s.data.train_idx)), "n_val": int(len(s.data.val_idx)),
+        "device": str(s.device), "world_size": world_size, **s.precision.to_dict(), "input": s.source.kind,
+        "environment": environment(s.device), "config": s.writer.cfg_dict,
+    }
+
+
+def _write_digest(s: Setup, run_dir: Path, rank: int) -> None:
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(s.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    (run_dir / f"rank{rank}.digest.json").write_text(json.dumps({"step": s.state["step"], "sha256": h.hexdigest(),
+                                                                  "rebuilds": s.wrapper.rebuilds}))

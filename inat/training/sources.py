@@ -1,0 +1,238 @@
+"""The three things a training step can read, behind one interface.
+
+- :class:`ImageSource`: augmented uint8 images from the decode cache (every strategy);
+- :class:`FeatureSource`: the linear probe's backbone features, computed once;
+- :class:`PrefixViewSource`: partial fine-tuning's frozen-prefix outputs on V cached views.
+
+Each has ``module`` (what the optimizer step runs forward on: the model, its head or its
+unfrozen suffix), ``batches(perm, batch_size, n_batches, seed)`` yielding ``(inputs, targets)``
+on the device, and ``evaluate(model)`` returning validation ``(loss, accuracy)`` as device
+tensors, so the loop reads them once per epoch.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inat.data.augment import BatchAugment
+from inat.errors import InatError
+from inat.inference import Normalizer, Precision, batched_logits, eval_mode, forward_batches, to_device_batch
+from inat.models import InatModel, ModelSpec
+from inat.training.data import SEED_VIEWS, TrainData
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator on ``device``: augmentation draws happen where the batch lives."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, accuracy) as 0-d device tensors."""
+    return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+
+
+def gpu_resident_bytes(device: torch.device) -> int:
+    """Bytes of the uint8 train cache allowed on the GPU: a third of the free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 3
+
+
+class ImageSource:
+    """Augmented images; on a GPU the whole uint8 cache is copied there once when it fits.
+
+    Otherwise (a GPU that is too small) batches are gathered on a host thread into pinned
+    memory one step ahead and copied without blocking, so decoding never stalls the GPU.
+    """
+
+    def __init__(self, model: nn.Module, data: TrainData, spec: ModelSpec, aug_cfg: Any, precision: Precision,
+                 device: torch.device, *, channels_last: bool, eval_batch_size: int, tta_flip: bool) -> None:
+        self.module, self.data, self.spec, self.precision, self.device = model, data, spec, precision, device
+        self.channels_last, self.eval_batch_size, self.tta_flip = channels_last, eval_batch_size, tta_flip
+        self.augment = BatchAugment(aug_cfg, spec.mean, spec.std, spec.num_classes)
+        self.labels = torch.from_numpy(data.labels).to(device)  # (N,)
+        self.resident: Optional[torch.Tensor] = None
+        if device.type == "cuda" and data.images.nbytes <= gpu_resident_bytes(device):
+            self.resident = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)  # (N, S, S, 3) uint8
+        val_idx = torch.from_numpy(data.val_idx)
+        self.val_images = (self.resident[val_idx.to(device)] if self.resident is not None
+                           else np.asarray(data.images[data.val_idx]))
+        self.val_labels = self.labels[val_idx.to(device)]
+        self.kind = "images (GPU-resident)" if self.resident is not None else "images"
+
+    def _host_batch(self, idx: np.ndarray) -> torch.Tensor:
+        u8 = torch.from_numpy(np.array(self.data.images[np.sort(idx)]))  # sorted reads suit the memory map
+        return u8.pin_memory() if self.device.type == "cuda" else u8
+
+    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
+        gen = _generator(self.device, seed)
+        if self.resident is not None:
+            order = torch.from_numpy(perm).to(self.device)  # one copy per epoch, sliced per step
+            for b in range(n_batches):
+                idx = order[b * batch_size:(b + 1) * batch_size]
+                yield self._finish(self.resident[idx], self.labels[idx], gen)
+            return
+        chunks = [np.sort(perm[b * batch_size:(b + 1) * batch_size]) for b in range(n_batches)]
+        if self.device.type != "cuda":
+            for idx in chunks:
+                yield self._finish(torch.from_numpy(np.array(self.data.images[idx])),
+                                   self.labels[torch.from_numpy(idx)], gen)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:  # double buffer: batch b+1 gathers while b trains
+            ahead = pool.submit(self._host_batch, chunks[0]) if chunks else None
+            for b, idx in enumerate(chunks):
+                host = ahead.result()
+                ahead = pool.submit(self._host_batch, chunks[b + 1]) if b + 1 < len(chunks) else None
+                yield self._finish(host.to(self.device, non_blocking=True),
+                                   self.labels[torch.from_numpy(idx).to(self.device, non_blocking=True)], gen)
+
+    def _finish(self, u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Batch:
+        x, y = self.augment(u8.to(self.device), y, gen)  # (B, 3, S, S) normalised, y or soft targets
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def evaluate(self, model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = batched_logits(model, self.val_images, self.spec.mean, self.spec.std, self.precision,
+                                batch_size=self.eval_batch_size, tta_flip=self.tta_flip, device=self.device,
+                                channels_last=self.channels_last, keep_on_device=True)
+        return _metrics(logits, self.val_labels)
+
+
+class FeatureSource:
+    """The linear probe: the frozen backbone's features of every train/ image, computed once.
+
+    The probe trains only the head, so the backbone's output for an image never changes:
+    computing it once turns each epoch into a few matrix products.
+    """
+
+    def __init__(self, model: InatModel, data: TrainData, spec: ModelSpec, precision: Precision,
+                 device: torch.device, *, channels_last: bool, eval_batch_size: int, progress: bool) -> None:
+        from inat.models.freeze import features_and_head
+
+        backbone_fn, self.module = features_and_head(model)
+        self.device = device
+        norm = Normalizer(spec.mean, spec.std, device, channels_last=channels_last)
+        with eval_mode(model):
+            self.features = forward_batches(backbone_fn, data.images, norm, precision, batch_size=eval_batch_size,
+                                            device=device, keep_on_device=True,
+                                            progress="backbone features (once)" if progress else None)  # (N, D)
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.val_idx = torch.from_numpy(data.val_idx).to(device)
+        self.bytes = self.features.numel() * 4
+        self.kind = "cached backbone features"
+
+    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
+        order = torch.from_numpy(perm).to(self.device)
+        for b in range(n_batches):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            yield self.features[idx], self.labels[idx]
+
+    def evaluate(self, model: InatModel) -> Tuple[torch.Tensor, torch.Tensor]:
+        head = model.head()  # the trained head, or its EMA copy
+        with eval_mode(head):
+            logits = head(self.features[self.val_idx]).float()
+        return _metrics(logits, self.labels[self.val_idx])
+
+
+class PrefixViewSource:
+    """Partial fine-tuning's fast path: the frozen first k groups run once per cached view.
+
+    The frozen prefix (eval mode, ImageNet BN statistics) is a fixed function of its input,
+    so its output for ``finetune.cache_views`` augmented views of each training image (and
+    for the plain and, with TTA, mirrored validation images) is computed once and stored in
+    bf16; every epoch then trains only the suffix, on a randomly drawn view per image.
+    Views are drawn from their own seeded generators, so a resumed run rebuilds the same cache.
+    """
+
+    def __init__(self, model: InatModel, data: TrainData, spec: ModelSpec, aug_cfg: Any, ft_cfg: Any,
+                 precision: Precision, device: torch.device, *, seed: int, channels_last: bool,
+                 eval_batch_size: int, tta_flip: bool, progress: bool) -> None:
+        from inat.models.freeze import split_at
+
+        if ft_cfg.bn == "train_all":
+            raise InatError("finetune.cache_views needs the frozen groups' BatchNorm frozen (finetune.bn=freeze_frozen "
+                            "or freeze_all): with bn=train_all their statistics change and no output can be cached.")
+        prefix, self.module = split_at(model, int(ft_cfg.k))
+        self.k = int(ft_cfg.k)
+        self.device, self.precision, self.eval_batch_size = device, precision, eval_batch_size
+        self.channels_last = channels_last
+        self.kind = f"cached frozen-prefix outputs ({int(ft_cfg.k)} groups)"
+        norm = Normalizer(spec.mean, spec.std, device, channels_last=channels_last)
+        augment = BatchAugment(aug_cfg, spec.mean, spec.std, spec.num_classes)
+        views, train_idx, val_idx = int(ft_cfg.cache_views), data.train_idx, data.val_idx
+        labels = torch.from_numpy(data.labels)
+
+        def run(idx: np.ndarray, prepare) -> torch.Tensor:
+            return forward_batches(prefix, data.images[idx] if len(idx) else data.images[:0], prepare, precision,
+                                   batch_size=eval_batch_size, device=device, out_dtype=torch.bfloat16,
+                                   progress=desc[0])
+
+        desc = [None]
+        with eval_mode(model):
+            probe = run(train_idx[:2], norm)
+            per_item = probe[0].numel() * 2
+            self.bytes = per_item * (views * len(train_idx) + 2 * len(val_idx))
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if self.bytes > total / 2:
+                raise InatError(f"finetune.cache_views={views} would keep {self.bytes / 2**30:.1f} GB of frozen-prefix "
+                                f"outputs ({tuple(probe.shape[1:])} per image), more than half of this machine's "
+                                f"{total / 2**30:.0f} GB; use fewer views or a larger finetune.k.")
+            train_x, train_y = [], []
+            for v in range(views):
+                gen = torch.Generator(device=device).manual_seed(seed * 1000 + SEED_VIEWS + 7919 * v)
+                targets: list = []
+                done = [0]  # images already augmented in this view (forward_batches keeps their order)
+
+                def augmented(u8: torch.Tensor) -> torch.Tensor:
+                    y = labels[train_idx[done[0]:done[0] + len(u8)]].to(device)
+                    done[0] += len(u8)
+                    x, y = augment(u8, y, gen)  # y may become soft targets (mixup)
+                    targets.append(y.cpu())
+                    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+                desc[0] = f"frozen prefix, view {v + 1}/{views}" if progress else None
+                train_x.append(run(train_idx, augmented))
+                train_y.append(torch.cat(targets))
+            desc[0] = None
+            self.val_x = run(val_idx, norm)
+            self.val_flip = run(val_idx, lambda u8: norm(u8).flip(3)) if tta_flip else None
+        self.train_x, self.train_y = torch.stack(train_x), torch.stack(train_y)  # (V, n_train, ...), CPU
+        self.position = np.full(len(data.images), -1, dtype=np.int64)
+        self.position[train_idx] = np.arange(len(train_idx))
+        self.val_labels = labels[val_idx].to(device)
+
+    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
+        pick_gen = torch.Generator().manual_seed(seed)  # the cache lives on the host; so does this draw
+        for b in range(n_batches):
+            pos = torch.from_numpy(self.position[np.sort(perm[b * batch_size:(b + 1) * batch_size])])
+            pick = torch.randint(self.train_x.shape[0], (len(pos),), generator=pick_gen)
+            yield (to_device_batch(self.train_x[pick, pos], self.device).float(),
+                   to_device_batch(self.train_y[pick, pos], self.device))
+
+    def evaluate(self, model: InatModel) -> Tuple[torch.Tensor, torch.Tensor]:
+        from inat.models.freeze import split_at
+
+        suffix = split_at(model, self.k, check=False)[1]  # the trained suffix, or the EMA model's
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return suffix(x).float()
+
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            return x.float()
+
+        with eval_mode(model):
+            logits = forward_batches(fn, self.val_x, cast, self.precision, batch_size=self.eval_batch_size,
+                                     device=self.device, keep_on_device=True)
+            if self.val_flip is not None:
+                flipped = forward_batches(fn, self.val_flip, cast, self.precision, batch_size=self.eval_batch_size,
+                                          device=self.device, keep_on_device=True)
+                logits = (logits + flipped) / 2
+        return _metrics(logits, self.val_labels)

@@ -1,0 +1,100 @@
+"""The run writer: checkpoints, metrics.csv, wandb and the console, on rank 0 only.
+
+Order matters for a run killed at any instant: ``best.pt`` is written before ``last.pt``, so
+a resumed run (which starts from ``last.pt``) never finds a best model older than the epoch
+it resumes after; ``summary.json`` is written last, so a folder without it is unfinished.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from inat.checkpoint import save_checkpoint
+from inat.runs import write_json, write_metrics
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """Versions and hardware behind a run's numbers (for the report's provenance block)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "host": platform.node(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """Every RNG a resumed run needs: the CPU's, and the GPU's (dropout draws there)."""
+    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class RunWriter:
+    """Writes one run folder; every method is a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, cfg: Any, cfg_dict: Dict[str, Any], is_main: bool) -> None:
+        self.run_dir, self.is_main, self.cfg_dict = Path(run_dir), is_main, cfg_dict
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.wandb = _start_wandb(cfg, self.run_dir, cfg_dict) if is_main else None
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def epoch(self, record: Dict[str, Any], checkpoint: Dict[str, Any], improved: bool, history: List[Dict[str, Any]],
+              epochs: int, best: float) -> None:
+        """Checkpoints (best first), the metrics CSV, wandb and one console line for an epoch."""
+        if not self.is_main:
+            return
+        if improved:
+            save_checkpoint(checkpoint, self.ckpt_dir / "best.pt")
+        save_checkpoint(checkpoint, self.ckpt_dir / "last.pt")
+        write_metrics(self.run_dir / "metrics.csv", history)
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["epoch"])
+        print(f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  train {record['train_accuracy']:.1%}  "
+              f"val {record['val_accuracy']:.1%} (best {best:.1%})  {record['images_per_sec']:.0f} img/s  "
+              f"{record['seconds']:.0f}s", flush=True)
+
+    def finish(self, summary: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        write_json(self.run_dir / "summary.json", summary)
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if k != "config"})
+            self.wandb.finish()
+
+
+def _start_wandb(cfg: Any, run_dir: Path, cfg_dict: Dict[str, Any]) -> Optional[Any]:
+    mode = cfg.wandb.mode
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed: logging to metrics.csv only.", flush=True)
+        return None
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        print("No WANDB_API_KEY: wandb logs offline (sync later with `wandb sync`).", flush=True)
+        mode = "offline"
+    try:
+        return wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, dir=str(run_dir), mode=mode,
+                          config=cfg_dict, name=run_dir.name, reinit="finish_previous")
+    except Exception as err:  # tracking must never kill a training run
+        print(f"wandb could not start ({type(err).__name__}: {err}); logging to metrics.csv only.", flush=True)
+        return None
