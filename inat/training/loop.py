@@ -345,8 +345,8 @@ def _write_digest(s: Setup, run_dir: Path, rank: int) -> None:
     import hashlib
     import json
 
-    h = hashlib.sha256()
-    for name, tensor in sorted(s.model.state_dict().items()):
+    h = hashlib.sha256()  # parameters only: BN running statistics are rank-local until DDP's next broadcast
+    for name, tensor in sorted(s.model.named_parameters()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     (run_dir / f"rank{rank}.digest.json").write_text(json.dumps({"step": s.state["step"], "sha256": h.hexdigest(),
