@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from inat.config import Config
+from inat.config import Config, FiltersConfig, ModelConfig
 from inat.errors import InatError
-from inat.models import build_from_config
+from inat.models import build_from_config, create_model
 from inat.models.info import measure
 from inat.models.scratch import assignment_counts, count_macs, count_params
 from conftest import run_cli
@@ -80,3 +80,28 @@ def test_info_mode_writes_matching_counts(tmp_path):
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["params"] == info["params_measured"] and info["macs"] == info["macs_measured"]
     assert info["channels"] == [8, 16, 32, 64, 128]
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "elu", "tanh", "gelu", "mish"])
+def test_pool_before_monotone_activation_is_the_same_function(act):
+    """Blocks 1-4 pool before a non-decreasing activation (cheaper); output and gradients equal act -> pool."""
+    import torch.nn as nn
+
+    from inat.models.scratch import MONOTONE
+
+    torch.manual_seed(0)
+    net = create_model(OmegaConf.structured(ModelConfig(dropout=0.0)), num_classes=5, image_size=64,
+                       act=OmegaConf.create({"name": act, "negative_slope": 0.1, "alpha": 1.0}),
+                       filters=OmegaConf.structured(FiltersConfig(base=8)))
+    net.eval()
+    order = [list(dict(b.named_children())) for b in net.blocks]
+    assert order[-1][-2:] == ["act", "pool"]  # CONV5's activations stay before pooling (guided backprop)
+    assert all(o[-2:] == (["pool", "act"] if act in MONOTONE else ["act", "pool"]) for o in order[:-1])
+    reference = nn.Sequential(*[nn.Sequential(*[b.get_submodule(n) for n in ("conv", "bn", "act", "pool")])
+                                for b in net.blocks])
+    x = torch.randn(4, 3, 64, 64, requires_grad=True)
+    a = net.out(net.dense(net.blocks(x)))
+    ga, = torch.autograd.grad(a.sum(), x)
+    b = net.out(net.dense(reference(x)))
+    gb, = torch.autograd.grad(b.sum(), x)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6)
