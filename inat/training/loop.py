@@ -200,7 +200,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     s.source = _source(s, channels_last, is_main)
     s.cache_seconds = time.perf_counter() - t_cache
     if not isinstance(s.source, ImageSource):
-        s.writer.say(f"{s.source.kind} cached once in {s.cache_seconds:.0f} s ({s.source.bytes / 2**20:.0f} MiB)")
+        s.writer.say(f"frozen outputs cached once in {s.cache_seconds:.0f} s ({s.source.bytes / 2**20:.0f} MiB): "
+                     f"{s.source.kind}")
     if s.source.module is not model:  # the step trains the head or the suffix only
         s.wrapper.model = s.source.module
     return s

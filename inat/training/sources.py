@@ -127,7 +127,7 @@ class FeatureSource:
         self.labels = torch.from_numpy(data.labels).to(device)
         self.val_idx = torch.from_numpy(data.val_idx).to(device)
         self.bytes = self.features.numel() * 4
-        self.kind = "cached backbone features"
+        self.kind = "backbone features (cached)"
 
     def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
         order = torch.from_numpy(perm).to(self.device)
@@ -164,7 +164,7 @@ class PrefixViewSource:
         self.k = int(ft_cfg.k)
         self.device, self.precision, self.eval_batch_size = device, precision, eval_batch_size
         self.channels_last = channels_last
-        self.kind = f"cached frozen-prefix outputs ({int(ft_cfg.k)} groups)"
+        self.kind = f"frozen-prefix outputs of {int(ft_cfg.k)} groups (cached)"
         norm = Normalizer(spec.mean, spec.std, device, channels_last=channels_last)
         augment = BatchAugment(aug_cfg, spec.mean, spec.std, spec.num_classes)
         views, train_idx, val_idx = int(ft_cfg.cache_views), data.train_idx, data.val_idx
