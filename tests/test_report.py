@@ -143,9 +143,9 @@ def test_report_in_headless_chromium(inputs, tmp_path):
 
 def test_sweep_space_from_the_launch_file(tmp_path):
     """Without a sweep report or multirun.yaml, the searched space comes from the sweep's sweep.json."""
-    from inat.report.collect import load_sweep
+    from inat.report.collect import sweep_for_report
 
     _write_run(tmp_path / "0", {"model": {"name": "scratch"}, "act": {"name": "relu"}}, ["act=relu"], 0.3)
     (tmp_path / "sweep.json").write_text(json.dumps({"params": {"act": "choice(relu, gelu)"}}))
-    sweep = load_sweep(tmp_path)
+    sweep = sweep_for_report(tmp_path)
     assert sweep.space == {"act": "choice(relu, gelu)"} and [r.name for r in sweep.runs] == [f"{tmp_path.name}/0"]

@@ -30,9 +30,7 @@ def savings(sweep_dir: Path, startup: int) -> dict:
     epochs_saved = sum(planned - r.epochs for r in pruned)
     # A pruned trial would have gone on at its own measured pace, up to train.max_minutes.
     def cap(r) -> float:
-        cfg = json.loads((Path(r.path) / "summary.json").read_text()).get("config", {})
-        minutes = float(cfg.get("train", {}).get("max_minutes") or 0)
-        return minutes * 60 if minutes > 0 else float("inf")
+        return r.max_minutes * 60 if r.max_minutes > 0 else float("inf")
 
     seconds_saved = sum(min(planned * r.train_seconds / max(1, r.epochs), cap(r)) - r.train_seconds for r in pruned)
     seconds_run = sum(r.train_seconds for r in trained)

@@ -32,8 +32,8 @@ def runs_overview(runs: List[Run]) -> str:
     rows = []
     for r in sorted(runs, key=lambda r: -(r.val or -1)):
         rows.append([r.name, r.model, r.get("act.name", "–"), r.get("filters.organisation", "–"),
-                     r.get("finetune.strategy", "none"), pct(r.val), pct(r.test_accuracy), r.summary.get("epochs", "–"),
-                     _num(r.summary.get("params")), _num(r.summary.get("wall_seconds"))])
+                     r.get("finetune.strategy", "none"), pct(r.val), pct(r.test_accuracy), r.summary.epochs,
+                     _num(r.summary.params), _num(r.summary.wall_seconds)])
     return ("<h2>Runs</h2><p>Model selection uses validation accuracy (split from train/); test accuracy is "
             "reported, never used to choose.</p>"
             + table(["run", "model", "act", "filters", "finetune", "best val", "test", "epochs", "params", "wall s"],
@@ -59,7 +59,7 @@ def counts_section(run: Optional[Run]) -> str:
     model = SimpleNamespace(**{"kernel_size": 3, "dense_units": 128, "batch_norm": True, **run.config.get("model", {})})
     filters = SimpleNamespace(**{"organisation": "same", "base": 32, "custom": None, **run.config.get("filters", {})})
     size = int(run.get("data.image_size", 96))
-    classes = run.summary.get("classes") or (run.test or {}).get("classes") or list(range(10))
+    classes = run.summary.classes or (run.test or {}).get("classes") or list(range(10))
     arch = architecture_from_config(model, num_classes=len(classes), image_size=size, filters=filters)
     m, n = int(filters.base), arch.dense_units
     k = arch.kernels[0]
@@ -69,8 +69,8 @@ def counts_section(run: Optional[Run]) -> str:
             [f"the run as built ({filters.organisation} filters {list(arch.channels)}, kernels {list(arch.kernels)}, "
              f"batch norm {arch.batch_norm}, {len(classes)} classes)", "closed form (count_params, count_macs)",
              _num(count_params(arch)), _num(count_macs(arch))]]
-    if run.summary.get("params") is not None:
-        rows.append(["the run as built", "measured: sum of numel() (summary.json)", _num(run.summary["params"]), "–"])
+    if run.summary.params is not None:
+        rows.append(["the run as built", "measured: sum of numel() (summary.json)", _num(run.summary.params), "–"])
     if run.info:
         rows.append(["info.json", "", _num(run.info.get("params")), _num(run.info.get("macs"))])
     out.append(f"<p>Values for run <b>{esc(run.name)}</b>:</p>")
@@ -141,7 +141,7 @@ def sweeps_section(sweeps: List[Sweep]) -> str:
             out.append("<p>Top trials by validation accuracy:</p>" + table(
                 ["trial", "overrides (sampled)", "best val", "epochs"],
                 [[r.path.name, " ".join(o for o in r.overrides if o not in common), pct(r.val),
-                  r.summary.get("epochs", "–")] for r in top],
+                  r.summary.epochs] for r in top],
                 numeric=(2, 3)))
     return "".join(out)
 
@@ -195,18 +195,18 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
         views = r.get("finetune.cache_views", 0) if strategy == "partial" else 0
         if views:  # trained on cached frozen-prefix outputs of this many augmented views
             k = f"{k} (cached, {views} views)"
-        rows.append([r.name, r.model, strategy, k, pct(r.val), pct(r.test_accuracy), r.summary.get("epochs", "–"),
-                     _num(r.summary.get("wall_seconds")), _num(r.summary.get("train_images_per_sec"))])
+        rows.append([r.name, r.model, strategy, k, pct(r.val), pct(r.test_accuracy), r.summary.epochs,
+                     _num(r.summary.wall_seconds), _num(r.summary.train_images_per_sec)])
     out.append("<p>Strategies (config <code>finetune.strategy</code>):</p>")
     out.append(table(["run", "model", "strategy", "k", "best val", "test", "epochs", "wall s", "train img/s"], rows,
                      numeric=(4, 5, 6, 7, 8)))
     best_tuned = max((r for r in tuned if r.val is not None), key=lambda r: r.val, default=None)
     if best_tuned is not None and scratch_best is not None:
         rows = [[f"scratch ({scratch_best.name})", pct(scratch_best.val), pct(scratch_best.test_accuracy),
-                 _num(scratch_best.summary.get("params")), _num(scratch_best.summary.get("wall_seconds"))],
+                 _num(scratch_best.summary.params), _num(scratch_best.summary.wall_seconds)],
                 [f"fine-tuned {best_tuned.model}, {best_tuned.get('finetune.strategy')} ({best_tuned.name})",
-                 pct(best_tuned.val), pct(best_tuned.test_accuracy), _num(best_tuned.summary.get("params")),
-                 _num(best_tuned.summary.get("wall_seconds"))]]
+                 pct(best_tuned.val), pct(best_tuned.test_accuracy), _num(best_tuned.summary.params),
+                 _num(best_tuned.summary.wall_seconds)]]
         out.append("<p>Scratch against fine-tuning (best of each by validation accuracy):</p>")
         roots = {str(scratch_best.get("data.root")), str(best_tuned.get("data.root"))}
         if len(roots) > 1:  # a cross-dataset gap says nothing about fine-tuning
