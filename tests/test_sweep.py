@@ -235,6 +235,20 @@ def test_savings_counts_full_cost_trials_to_reach_a_level():
     assert savings.cost_to_reach(rand, 0.31, 5) is None
 
 
+def test_savings_counts_a_trial_exactly_at_a_level():
+    """84/240 stored as float32 (0.34999999...) reaches the 35% level; the raw ``>=`` dropped it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("savings", Path(__file__).resolve().parents[1] / "experiments/sweep/savings.py")
+    savings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(savings)
+    at_level = float(np.float32(84 / 240))
+    assert at_level < 0.35 and savings.reaches(at_level, 0.35)
+    assert savings.reaches(float(np.float32(78 / 240)), 0.325) and not savings.reaches(83 / 240, 0.35)
+    rows = [SimpleNamespace(number=0, state="complete", val_accuracy=at_level, epochs=5)]
+    assert savings.cost_to_reach(rows, 0.35, 5) == (1.0, 1)
+
+
 def test_concurrent_atomic_writes_of_one_file(tmp_path):
     """Sweep workers on many machines all write the study's sweep.json at once (a CI failure)."""
     from concurrent.futures import ThreadPoolExecutor
