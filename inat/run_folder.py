@@ -292,7 +292,7 @@ TRIALS_COLUMNS = ("number", "started", "stop_reason", "model", "epochs", "planne
 
 
 def _curve(values: Iterable[Optional[float]]) -> str:
-    return ";".join("" if v is None else f"{v:.6g}" for v in values)
+    return ";".join("" if v is None else repr(float(v)) for v in values)  # repr: exact round trip
 
 
 def trial_row(number: int, record: RunRecord, started: Optional[dt.datetime]) -> Dict[str, Any]:
@@ -302,7 +302,7 @@ def trial_row(number: int, record: RunRecord, started: Optional[dt.datetime]) ->
             "model": s.model or dotted_get(record.config, "model.name", ""), "epochs": s.epochs or len(record.metrics),
             "planned_epochs": dotted_get(record.config, "train.epochs", ""),
             "max_minutes": dotted_get(record.config, "train.max_minutes", ""),
-            "best_val_accuracy": "" if s.best_val_accuracy is None else f"{s.best_val_accuracy:.6g}",
+            "best_val_accuracy": "" if s.best_val_accuracy is None else repr(float(s.best_val_accuracy)),
             "train_seconds": s.train_seconds, "overrides": " ".join(record.overrides),
             "val_accuracy_curve": _curve(m.val_accuracy for m in record.metrics),
             "val_loss_curve": _curve(m.val_loss for m in record.metrics)}

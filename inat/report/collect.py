@@ -7,6 +7,7 @@ Nothing here imports the training code: the report reads only the files those wr
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -132,26 +133,40 @@ def sweep_for_report(path: Path) -> Sweep:
     return Sweep(record.path, runs, record.report, record.pngs, space, command or str(record.report.get("command", "")))
 
 
-def collect(inputs: List[str]) -> Tuple[List[Run], List[Sweep]]:
-    """Every input as a run or a sweep; anything else is refused naming the path."""
+def detect_summary(path: Path) -> Optional[Dict[str, Any]]:
+    """The summary.json of a detect output folder (it counts detections, not accuracy), else None."""
+    try:
+        data = json.loads((Path(path) / run_folder.SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "detections_per_class" in data else None
+
+
+def collect(inputs: List[str]) -> Tuple[List[Run], List[Sweep], List[Dict[str, Any]]]:
+    """Every input as a run, a sweep or a detect result; anything else is refused naming the path."""
     if not inputs:
         raise InatError("report.inputs is empty: pass run or sweep folders, e.g. report.inputs=[outputs/train/<run>].")
     runs: List[Run] = []
     sweeps: List[Sweep] = []
+    detections: List[Dict[str, Any]] = []
     for item in inputs:
         path = Path(item)
         if not path.is_dir():
             raise InatError(f"Report input '{item}' is not a folder (expected a run folder or a sweep folder).")
-        if run_folder.is_run(path):
+        detected = detect_summary(path)
+        if detected is not None:
+            detections.append({"name": path.name, "path": str(path), "summary": detected})
+        elif run_folder.is_run(path):
             runs.append(load_run(path))
         elif run_folder.is_sweep(path):
             sweep = sweep_for_report(path)
             sweeps.append(sweep)
             runs.extend(sweep.runs)
         else:
-            raise InatError(f"Report input '{item}' is neither a run folder (summary.json, metrics.csv, checkpoints/) "
-                            f"nor a sweep folder (multirun.yaml, sweep_report.json, numbered trials).")
-    return runs, sweeps
+            raise InatError(f"Report input '{item}' is neither a run folder (summary.json, metrics.csv, checkpoints/), "
+                            f"a sweep folder (multirun.yaml, sweep.json, sweep_report.json, trials.csv, numbered "
+                            f"trials) nor a detect folder (summary.json with detections_per_class).")
+    return runs, sweeps, detections
 
 
 def best_run(runs: List[Run], scratch: Optional[bool] = True) -> Optional[Run]:

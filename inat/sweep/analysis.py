@@ -87,6 +87,9 @@ def open_study(info: Dict[str, Any], storage: Optional[str] = None, study_name: 
         return None
     if "***" in url:
         raise ValueError("the storage URL in sweep.json hides its password; pass sweep.storage=URL")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        # SQLite would create an empty file on connect: reading a sweep must not write into it.
+        raise FileNotFoundError(f"no study file at {url[len('sqlite:///'):]} (trial folders or trials.csv only)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=study_name or info.get("study_name"), storage=url)
 
