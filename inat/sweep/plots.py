@@ -232,7 +232,8 @@ def plotly_fragments(data: SweepData, include_plotlyjs: bool = True) -> Dict[str
     dims.append({"label": "val accuracy (%)", "values": acc})
     parallel = go.Figure(go.Parcoords(
         line={"color": acc, "colorscale": "Viridis", "showscale": True, "colorbar": {"title": "val acc (%)"}},
-        dimensions=dims))
-    parallel.update_layout(title="parallel coordinates (drag on an axis to filter)", height=480)
+        dimensions=dims, labelangle=-25, labelside="bottom"))  # a dozen long names would overlap when flat
+    parallel.update_layout(title="parallel coordinates (drag on an axis to filter)", height=520,
+                           margin={"b": 120})
     return {"progress": progress.to_html(full_html=False, include_plotlyjs=include_plotlyjs),
             "parallel": parallel.to_html(full_html=False, include_plotlyjs=False)}
