@@ -67,6 +67,7 @@ class Summary:
     val_accuracy: Optional[float] = None
     best_epoch: int = 0
     epochs: int = 0
+    steps: Optional[int] = None  # optimizer steps (the training/ loop records them)
     stop_reason: str = "epochs"
     train_images_per_sec: Optional[float] = None
     train_seconds: float = 0.0
@@ -84,6 +85,7 @@ class Summary:
     config: Dict[str, Any] = field(default_factory=dict)
     precision: Optional[str] = None
     precision_reason: Optional[str] = None
+    input: Optional[str] = None  # the JSON key fit writes: which input path fed training (images, cache, ...)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -96,9 +98,9 @@ class Summary:
         return str(self.stop_reason).startswith("pruned")
 
     def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, ``extra`` merged in; unset optional precision keys are left out."""
+        """The JSON object, ``extra`` merged in; unset optional keys of newer writers are left out."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for key in ("precision", "precision_reason"):
+        for key in ("steps", "precision", "precision_reason", "input"):
             if out[key] is None:
                 del out[key]
         return {**self.extra, **out}
