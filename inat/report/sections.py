@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from inat.report.collect import Run, Sweep
-from inat.report.html import Raw, esc, figure, pct, pre_json, table
+from inat.report.html import Raw, esc, figure, pct, table
 
 # Explain figures in the order the report shows them, with what each answers.
 EXPLAIN_FIGURES = [

@@ -17,7 +17,6 @@ trial to its proxy trial and both accuracies.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
