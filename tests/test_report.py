@@ -93,8 +93,13 @@ def test_report_sections_and_numbers(inputs, tmp_path):
     assert "27.0 points above scratch" in text  # 88.0 - 61.0 on validation accuracy
     # Self-contained: every image inline, no external scripts, styles or fetches.
     srcs = re.findall(r'<img[^>]*src="([^"]{0,40})', text)
-    assert len(srcs) >= 3 + 6 + 2 and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert not re.search(r'(src|href)="(https?:)?//', text) and "<link" not in text
+    # 6 explain figures + curves + comparison; the sweep's plots are interactive (plotly, inline).
+    assert len(srcs) >= 6 + 2 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert text.count("Plotly.newPlot") == 2 and text.count("plotly.js v") == 1
+    # plotly.js carries link strings (its logo, map credits) inside its code: not fetches.
+    markup = re.sub(r"<script[^>]*>.*?</script>", "<script></script>", text, flags=re.S)
+    assert not re.search(r'(src|href)="(https?:)?//', markup) and "<link" not in markup
+    assert "<script src" not in text
     assert (tmp_path / "work" / "explain" / "scratch_run" / "explain.json").is_file()  # inputs only read
     assert not (scratch / "explain").exists()
 
@@ -131,7 +136,8 @@ def test_report_in_headless_chromium(inputs, tmp_path):
     assert "test 47.3%" in proc.stdout
     dom = dump_dom(out)
     total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
-    assert total == out.read_text().count("<img ") and total >= 11
+    assert total == out.read_text().count("<img ") and total >= 8
+    assert dom.count("js-plotly-plot") >= 2  # plotly.js drew the interactive sweep figures offline
     assert f'data-images-loaded="{total}"' in dom and 'data-images-ok="true"' in dom
     assert re.search(r'id="test-accuracy"[^>]*>47\.3%<', dom)
     assert "86.1%" in dom and "GELU beat ReLU" in dom
@@ -143,9 +149,81 @@ def test_report_in_headless_chromium(inputs, tmp_path):
 
 def test_sweep_space_from_the_launch_file(tmp_path):
     """Without a sweep report or multirun.yaml, the searched space comes from the sweep's sweep.json."""
-    from inat.report.collect import load_sweep
+    from inat.report.collect import sweep_for_report
 
     _write_run(tmp_path / "0", {"model": {"name": "scratch"}, "act": {"name": "relu"}}, ["act=relu"], 0.3)
     (tmp_path / "sweep.json").write_text(json.dumps({"params": {"act": "choice(relu, gelu)"}}))
-    sweep = load_sweep(tmp_path)
+    sweep = sweep_for_report(tmp_path)
     assert sweep.space == {"act": "choice(relu, gelu)"} and [r.name for r in sweep.runs] == [f"{tmp_path.name}/0"]
+
+
+@pytest.fixture(scope="module")
+def budget_sweep(tmp_path_factory):
+    """A sweep of two trained scratch trials, the second recorded on a CUDA machine, then one the budget refused."""
+    base = tmp_path_factory.mktemp("budget_sweep")
+    sweep = base / "woof"
+    config = {"model": {"name": "scratch"}, "act": {"name": "relu"}, "data": {"root": "/data"}, "seed": 0}
+    for i, val in enumerate((0.30, 0.35)):
+        _write_run(sweep / str(i), config, [f"train.lr={[0.001, 0.01][i]}", "act=relu"], val)
+    record = json.loads((sweep / "1" / "summary.json").read_text())
+    record["environment"] = {"python": "3.12.1", "torch": "2.14.1+cu130", "cpu": "Test EPYC", "cpu_count": 16,
+                             "gpu": "NVIDIA H200"}
+    (sweep / "1" / "summary.json").write_text(json.dumps(record))
+    (sweep / "2" / ".hydra").mkdir(parents=True)
+    (sweep / "2" / ".hydra" / "overrides.yaml").write_text("- train.lr=0.005\n- act=relu\n")
+    (sweep / "2" / "summary.json").write_text(json.dumps({  # what sweeper._mark_budget writes
+        "best_val_accuracy": 0.0, "val_accuracy": 0.0, "epochs": 0, "stop_reason": "budget: sweep budget of 1 "
+        "minutes spent before this trial started"}))
+    (sweep / "sweep.json").write_text(json.dumps({"params": {"train.lr": "tag(log, interval(0.0003, 0.01))"}}))
+    return sweep
+
+
+def test_budget_refused_trial_is_not_a_finetuned_run(budget_sweep, tmp_path):
+    """A refused trial has no model name: it used to count as fine-tuning, '30.0 points below scratch'."""
+    from inat.report import build_report
+
+    out = tmp_path / "r.html"
+    result = build_report([str(budget_sweep)], out, tmp_path, explain=False)
+    text = out.read_text()
+    assert result["runs"] == 2 and "No fine-tuning run" in text and "below scratch" not in text
+
+
+def test_trial_count_excludes_the_refused_trial(budget_sweep, tmp_path):
+    """The sweep header counts trained trials (468 in the docs), not folders (469)."""
+    from inat.report import build_report
+
+    out = tmp_path / "r.html"
+    build_report([str(budget_sweep)], out, tmp_path, explain=False)
+    text = out.read_text()
+    assert "2 trained trials; 1 not trained (refused by the sweep budget)" in text and "3 trials" not in text
+
+
+def test_report_answers_in_the_assignment_order(inputs, budget_sweep, tmp_path):
+    """Q1 first, then Q2..Q4, Part B, Part C, provenance; the trial list only once, collapsed, at the end."""
+    from inat.report import build_report
+
+    base, scratch, sweep, tuned = inputs
+    out = tmp_path / "r.html"
+    build_report([str(scratch), str(sweep), str(tuned), str(budget_sweep)], out, tmp_path / "w", explain=False)
+    text = out.read_text()
+    order = [text.index(f'id="{key}"') for key in ("q1", "q2", "q3", "q4", "part-b", "part-c", "provenance",
+                                                    "all-runs")]
+    assert order == sorted(order)
+    assert text.index("<h1>") < order[0] < 2000  # the first screen answers Q1
+    appendix = text[order[-1]:]
+    assert text.count("woof/1<") == 1 and "woof/1<" in appendix  # each trial once, in the appendix
+    # Provenance: one row per recorded environment of the sweep (trial 0 recorded none, trial 1 a GPU machine).
+    assert text[order[6]:order[7]].count("sweep woof (1 trial)") == 2
+
+
+def test_provenance_reads_the_runs_own_environment(budget_sweep):
+    """fit records summary['environment']; provenance used to look for 'env'/'versions' and print the report machine's."""
+    from inat.report.collect import load_run
+    from inat.report.provenance import run_provenance
+
+    machine = {"python": "9.9", "torch": "0.0-report", "cpu": "report cpu", "gpu": "none", "os": "x"}
+    env = run_provenance(load_run(budget_sweep / "1", sweep="woof"), machine)["env"]
+    assert env["torch"] == "2.14.1+cu130" and env["gpu"] == "NVIDIA H200" and "report machine" not in str(env)
+    assert env["cpu"] == "Test EPYC (16 logical CPUs)"
+    unrecorded = run_provenance(load_run(budget_sweep / "0", sweep="woof"), machine)["env"]
+    assert unrecorded["torch"] == "0.0-report (report machine)"

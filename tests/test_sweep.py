@@ -235,6 +235,71 @@ def test_savings_counts_full_cost_trials_to_reach_a_level():
     assert savings.cost_to_reach(rand, 0.31, 5) is None
 
 
+def test_savings_counts_a_trial_exactly_at_a_level():
+    """84/240 stored as float32 (0.34999999...) reaches the 35% level; the raw ``>=`` dropped it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("savings", Path(__file__).resolve().parents[1] / "experiments/sweep/savings.py")
+    savings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(savings)
+    at_level = float(np.float32(84 / 240))
+    assert at_level < 0.35 and savings.reaches(at_level, 0.35)
+    assert savings.reaches(float(np.float32(78 / 240)), 0.325) and not savings.reaches(83 / 240, 0.35)
+    rows = [SimpleNamespace(number=0, state="complete", val_accuracy=at_level, epochs=5)]
+    assert savings.cost_to_reach(rows, 0.35, 5) == (1.0, 1)
+
+
+def _sweep_data(rows, info=None):
+    from inat.sweep.analysis import Row, SweepData
+
+    return SweepData(Path("woof"), info or {}, rows, sorted({k for r in rows for k in r.params}), {})
+
+
+def test_progress_axis_cuts_a_pause_between_sittings():
+    """Two sittings 110 minutes apart: the pause is cut out of the axis and reported, not stretched."""
+    from inat.sweep.plots import cut_gaps
+
+    minutes = [0, 1, 2, 3, 113, 114, 115]
+    drawn, gaps = cut_gaps(minutes)
+    assert len(gaps) == 1 and gaps[0].minutes == pytest.approx(110) and max(drawn) == pytest.approx(6)
+    assert drawn == sorted(drawn) and gaps[0].at == pytest.approx(4)
+    assert cut_gaps([0, 2, 4, 6])[1] == []  # a steady sweep has no pause
+
+
+def test_parallel_coordinates_log_axes_labels_and_colour_bar():
+    """lr and weight decay (sampled on a log scale) get log10 axes with labelled middle levels; a colour bar."""
+    import datetime as dt
+
+    import matplotlib.pyplot as plt
+
+    from inat.sweep.analysis import Row
+    from inat.sweep.plots import axes_values, parallel_figure, progress_figure
+
+    rng = np.random.default_rng(0)
+    t0 = dt.datetime(2026, 1, 1)
+    rows = [Row(i, "complete", {"train.lr": float(10 ** rng.uniform(-3.5, -2)), "optim.weight_decay":
+                                float(10 ** rng.uniform(-5, -1)), "act": ["relu", "gelu"][i % 2],
+                                "model.dense_units": [64, 128, 256][i % 3]},
+                0.2 + 0.01 * i, 1.0, 5, 10.0, t0 + dt.timedelta(minutes=i + (120 if i > 10 else 0)), "epochs", str(i))
+            for i in range(20)]
+    info = {"params": {"train.lr": "tag(log, interval(0.0003, 0.01))",
+                       "optim.weight_decay": "tag(log, interval(0.00001, 0.1))", "act": "choice(relu, gelu)",
+                       "model.dense_units": "choice(64, 128, 256)"}}
+    axes = {a.name: a for a in axes_values(_sweep_data(rows, info))}
+    lr, wd, units = axes["train.lr"], axes["optim.weight_decay"], axes["model.dense_units"]
+    assert lr.log and wd.log and not units.log and not axes["act"].log
+    assert max(lr.values) < 0 and len(lr.ticktext) >= 3 and "0.001" in lr.ticktext  # log10 values, middle levels
+    assert "0.0001" in wd.ticktext or "0.001" in wd.ticktext
+    assert units.ticktext == ["64", "128", "256"] and axes["act"].ticktext == ["gelu", "relu"]
+    fig = parallel_figure(_sweep_data(rows, info))
+    assert len(fig.axes) == 2  # the plot and its colour bar
+    assert "val accuracy" in fig.axes[1].get_ylabel()
+    plt.close(fig)
+    fig = progress_figure(_sweep_data(rows, info))
+    assert "pause" in " ".join(t.get_text() for t in fig.axes[0].texts) and max(fig.axes[0].get_xlim()) < 60
+    plt.close(fig)
+
+
 def test_concurrent_atomic_writes_of_one_file(tmp_path):
     """Sweep workers on many machines all write the study's sweep.json at once (a CI failure)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -30,9 +30,7 @@ def savings(sweep_dir: Path, startup: int) -> dict:
     epochs_saved = sum(planned - r.epochs for r in pruned)
     # A pruned trial would have gone on at its own measured pace, up to train.max_minutes.
     def cap(r) -> float:
-        cfg = json.loads((Path(r.path) / "summary.json").read_text()).get("config", {})
-        minutes = float(cfg.get("train", {}).get("max_minutes") or 0)
-        return minutes * 60 if minutes > 0 else float("inf")
+        return r.max_minutes * 60 if r.max_minutes > 0 else float("inf")
 
     seconds_saved = sum(min(planned * r.train_seconds / max(1, r.epochs), cap(r)) - r.train_seconds for r in pruned)
     seconds_run = sum(r.train_seconds for r in trained)
@@ -43,7 +41,7 @@ def savings(sweep_dir: Path, startup: int) -> dict:
     best = max(trained, key=lambda r: r.val_accuracy)
     bar = statistics.median(r.val_accuracy for r in random_phase) if random_phase else None
     # Plain random search reaching the best: if only one of n random draws reaches it, expect ~n draws.
-    random_hits = [r for r in random_phase if r.val_accuracy >= best.val_accuracy]
+    random_hits = [r for r in random_phase if reaches(r.val_accuracy, best.val_accuracy)]
     return {
         "trials_trained": len(trained), "trials_pruned": len(pruned), "epochs_planned_per_trial": planned,
         "epochs_run": epochs_run, "epochs_saved_by_pruning": epochs_saved,
@@ -61,6 +59,17 @@ def savings(sweep_dir: Path, startup: int) -> dict:
     }
 
 
+def reaches(accuracy: float, level: float) -> bool:
+    """``accuracy >= level`` on what they mean, not on their float bits.
+
+    Accuracies are counts over the validation set (84/240 = 0.35) stored as float32
+    (0.3499999940...), while levels are float64 (0.35): compared raw, a trial at exactly a
+    level fails it. Any two distinct k/n with n below 10^5 differ by more than 1e-5, so
+    rounding both to 6 decimals compares the counts exactly.
+    """
+    return round(float(accuracy), 6) >= round(float(level), 6)
+
+
 def trial_cost(r, planned: int) -> float:
     """A trial's cost in full-cost trials: a pruned one paid for the epochs it trained."""
     return min(1.0, r.epochs / planned) if r.state == "pruned" and planned else 1.0
@@ -71,7 +80,7 @@ def cost_to_reach(rows, level: float, planned: int):
     spent = 0.0
     for i, r in enumerate(sorted(rows, key=lambda r: r.number)):
         spent += trial_cost(r, planned)
-        if r.val_accuracy >= level:
+        if reaches(r.val_accuracy, level):
             return round(spent, 1), i + 1
     return None
 
@@ -84,18 +93,18 @@ def versus_random(sweep_dir: Path, random_dir: Path) -> dict:
     best_ours, best_rand = max(r.val_accuracy for r in mine), max(r.val_accuracy for r in theirs)
     common = min(best_ours, best_rand)
     # Levels: every 2.5 points up to the best accuracy both sweeps reached, then that accuracy itself.
-    levels = sorted({round(x / 1000, 4) for x in range(200, int(common * 1000) + 1, 25)} | {common})
+    levels = sorted({round(x / 1000, 4) for x in range(200, int(round(common, 6) * 1000) + 1, 25)} | {round(common, 6)})
     table = []
     for level in levels:
         a, b = cost_to_reach(mine, level, planned), cost_to_reach(theirs, level, planned)
         # Random trials are independent draws, so 1 / (share at or above the level) is the expected
         # number of full-cost trials plain random search needs: steadier than its one first hit.
-        hits = sum(r.val_accuracy >= level for r in theirs)
+        hits = sum(reaches(r.val_accuracy, level) for r in theirs)
         table.append({"val_accuracy": level, "strategies_full_cost_trials": a and a[0], "strategies_trials": a and a[1],
                       "random_full_cost_trials": b and b[0], "random_trials": b and b[1],
                       "saved_full_cost_trials": round(b[0] - a[0], 1) if a and b else None,
                       "random_hits": hits, "random_expected_full_cost_trials": round(len(theirs) / hits, 1) if hits else None,
-                      "strategies_hits": sum(r.val_accuracy >= level for r in mine),
+                      "strategies_hits": sum(reaches(r.val_accuracy, level) for r in mine),
                       "saved_vs_expected": round(len(theirs) / hits - a[0], 1) if a and hits else None})
     return {
         "strategies": {"dir": str(sweep_dir), "trials": len(mine), "best": best_ours,

@@ -1,42 +1,74 @@
 """Read run folders and sweep (multirun) folders into plain records for the report.
 
-Nothing here imports the training or sweep code: the report reads only the files those
-write (``summary.json``, ``metrics.csv``, ``.hydra/*.yaml``, ``test/test.json``,
-``info.json``, ``explain/explain.json``, a sweep's ``sweep_report.json``, ``multirun.yaml``
-and PNGs), so it works on folders copied from another machine.
+Nothing here imports the training code: the report reads only the files those write, through
+:mod:`inat.run_folder` (``summary.json``, ``metrics.csv``, ``.hydra/*.yaml``, ``test/test.json``,
+``info.json``, ``explain/explain.json``, a sweep's ``sweep_report.json``, ``multirun.yaml``,
+``trials.csv`` and PNGs), so it works on folders copied from another machine.
 """
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from inat import run_folder
 from inat.errors import InatError
+from inat.run_folder import RunRecord, Summary
 
 
 @dataclass
 class Run:
-    """One training run folder, as far as its files tell."""
+    """One training run folder (or compact sweep trial), as far as its files tell."""
 
-    path: Path
-    summary: Dict[str, Any]
-    config: Dict[str, Any]
-    overrides: List[str]
-    metrics: List[Dict[str, Any]]
-    test: Optional[Dict[str, Any]] = None
-    info: Optional[Dict[str, Any]] = None
-    explain_dir: Optional[Path] = None  # a folder holding explain.json and its PNGs
+    record: RunRecord
     sweep: Optional[str] = None  # the sweep folder's name for trials
+
+    @property
+    def path(self) -> Path:
+        return self.record.path
+
+    @property
+    def summary(self) -> Summary:
+        """The run's summary; an unfinished run reads as an empty one that says "running"."""
+        return self.record.summary or Summary(stop_reason="running")
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return self.record.config
+
+    @property
+    def overrides(self) -> List[str]:
+        return self.record.overrides
+
+    @property
+    def metrics(self) -> List[Dict[str, Any]]:
+        return [m.to_dict() for m in self.record.metrics]
+
+    @property
+    def test(self) -> Optional[Dict[str, Any]]:
+        return self.record.test
+
+    @property
+    def info(self) -> Optional[Dict[str, Any]]:
+        return self.record.info
+
+    @property
+    def explain_dir(self) -> Optional[Path]:
+        return self.record.explain_dir
 
     @property
     def name(self) -> str:
         return f"{self.sweep}/{self.path.name}" if self.sweep else self.path.name
 
     @property
+    def trained(self) -> bool:
+        """False for a trial the sweep budget refused: it has no model, accuracy or time of its own."""
+        return self.record.trained or (self.record.summary is None and bool(self.record.metrics))
+
+    @property
     def model(self) -> str:
-        return str(self.config.get("model", {}).get("name") or self.summary.get("model") or "?")
+        return str(self.get("model.name") or self.summary.model or "?")
 
     @property
     def is_scratch(self) -> bool:
@@ -44,7 +76,7 @@ class Run:
 
     @property
     def val(self) -> Optional[float]:
-        v = self.summary.get("best_val_accuracy")
+        v = self.summary.best_val_accuracy if self.trained else None
         return float(v) if v is not None else None
 
     @property
@@ -53,17 +85,12 @@ class Run:
 
     @property
     def best_ckpt(self) -> Optional[Path]:
-        p = self.path / "checkpoints" / "best.pt"
+        p = self.path / run_folder.BEST
         return p if p.is_file() else None
 
     def get(self, dotted: str, default: Any = None) -> Any:
         """A config value by dotted key (``finetune.strategy``), or ``default``."""
-        node: Any = self.config
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return run_folder.dotted_get(self.config, dotted, default)
 
 
 @dataclass
@@ -78,72 +105,6 @@ class Sweep:
     command: str = ""
 
 
-def _json(path: Path) -> Optional[Dict[str, Any]]:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InatError(f"'{path}' is not valid JSON ({err}).") from err
-
-
-def _yaml(path: Path) -> Any:
-    from omegaconf import OmegaConf
-
-    if not path.is_file():
-        return None
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-
-
-def _metrics(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: _number(v) for k, v in row.items()})
-    return rows
-
-
-def _number(text: str) -> Any:
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except (TypeError, ValueError):
-        return text
-
-
-def is_run(path: Path) -> bool:
-    """A run folder has a summary, a metrics file or checkpoints."""
-    return any((path / p).exists() for p in ("summary.json", "metrics.csv", "checkpoints/best.pt"))
-
-
-def is_sweep(path: Path) -> bool:
-    """A sweep folder has Hydra's multirun.yaml, a sweep report, or numbered run folders."""
-    if (path / "multirun.yaml").is_file() or (path / "sweep_report.json").is_file():
-        return True
-    return any(p.is_dir() and p.name.isdigit() and is_run(p) for p in path.iterdir())
-
-
-def find_test(path: Path) -> Optional[Dict[str, Any]]:
-    """test.json of a run: ``<run>/test/test.json`` (written after training) or ``<run>/test.json``."""
-    for candidate in (path / "test" / "test.json", path / "test.json"):
-        data = _json(candidate)
-        if data is not None:
-            return data
-    return None
-
-
-def load_run(path: Path, sweep: Optional[str] = None) -> Run:
-    """Read one run folder; the config comes from summary.json, else ``.hydra/config.yaml``."""
-    path = Path(path)
-    summary = _json(path / "summary.json") or {}
-    config = summary.get("config") or _yaml(path / ".hydra" / "config.yaml") or {}
-    overrides = _yaml(path / ".hydra" / "overrides.yaml") or []
-    explain_dir = path / "explain" if (path / "explain" / "explain.json").is_file() else None
-    return Run(path, summary, config, [str(o) for o in overrides], _metrics(path / "metrics.csv"), find_test(path),
-               _json(path / "info.json"), explain_dir, sweep)
-
-
 def _space_from_multirun(cfg: Any) -> Tuple[Dict[str, Any], str]:
     """Searched parameters and the command from Hydra's multirun.yaml."""
     if not isinstance(cfg, dict):
@@ -155,45 +116,60 @@ def _space_from_multirun(cfg: Any) -> Tuple[Dict[str, Any], str]:
     return dict(space), "python run.py -m " + " ".join(str(t) for t in task)
 
 
-def load_sweep(path: Path) -> Sweep:
-    """Read a sweep folder: numbered trial folders, sweep_report.json, PNGs, the searched space."""
-    path = Path(path)
-    trials = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit() and is_run(p)), key=lambda p: int(p.name))
-    runs = [load_run(p, sweep=path.name) for p in trials]
-    report = _json(path / "sweep_report.json") or {}
-    space, command = _space_from_multirun(_yaml(path / "multirun.yaml"))
-    launch = _json(path / "sweep.json") or {}  # written by the sweep when it starts: storage, study, params
-    for source in (report, launch):
+def load_run(path: Path, sweep: Optional[str] = None) -> Run:
+    """One run folder, read by :func:`inat.run_folder.read_run`."""
+    return Run(run_folder.read_run(path), sweep)
+
+
+def sweep_for_report(path: Path) -> Sweep:
+    """A sweep folder, read by :func:`inat.run_folder.read_sweep`: trials, report, PNGs, searched space."""
+    record = run_folder.read_sweep(Path(path), strict=True)
+    runs = [Run(r, sweep=record.path.name) for r in record.trials.values() if r.summary is not None or r.metrics]
+    space, command = _space_from_multirun(record.multirun)
+    for source in (record.report, record.info):  # sweep.json: written by the sweep when it starts
         for key in ("space", "search_space", "params"):
             if not space and isinstance(source.get(key), dict):
                 space = source[key]
-    pngs = sorted(path.glob("*.png"))
-    return Sweep(path, runs, report, pngs, space, command or str(report.get("command", "")))
+    return Sweep(record.path, runs, record.report, record.pngs, space, command or str(record.report.get("command", "")))
 
 
-def collect(inputs: List[str]) -> Tuple[List[Run], List[Sweep]]:
-    """Every input as a run or a sweep; anything else is refused naming the path."""
+def detect_summary(path: Path) -> Optional[Dict[str, Any]]:
+    """The summary.json of a detect output folder (it counts detections, not accuracy), else None."""
+    try:
+        data = json.loads((Path(path) / run_folder.SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "detections_per_class" in data else None
+
+
+def collect(inputs: List[str]) -> Tuple[List[Run], List[Sweep], List[Dict[str, Any]]]:
+    """Every input as a run, a sweep or a detect result; anything else is refused naming the path."""
     if not inputs:
         raise InatError("report.inputs is empty: pass run or sweep folders, e.g. report.inputs=[outputs/train/<run>].")
     runs: List[Run] = []
     sweeps: List[Sweep] = []
+    detections: List[Dict[str, Any]] = []
     for item in inputs:
         path = Path(item)
         if not path.is_dir():
             raise InatError(f"Report input '{item}' is not a folder (expected a run folder or a sweep folder).")
-        if is_run(path):
+        detected = detect_summary(path)
+        if detected is not None:
+            detections.append({"name": path.name, "path": str(path), "summary": detected})
+        elif run_folder.is_run(path):
             runs.append(load_run(path))
-        elif is_sweep(path):
-            sweep = load_sweep(path)
+        elif run_folder.is_sweep(path):
+            sweep = sweep_for_report(path)
             sweeps.append(sweep)
             runs.extend(sweep.runs)
         else:
-            raise InatError(f"Report input '{item}' is neither a run folder (summary.json, metrics.csv, checkpoints/) "
-                            f"nor a sweep folder (multirun.yaml, sweep_report.json, numbered trials).")
-    return runs, sweeps
+            raise InatError(f"Report input '{item}' is neither a run folder (summary.json, metrics.csv, checkpoints/), "
+                            f"a sweep folder (multirun.yaml, sweep.json, sweep_report.json, trials.csv, numbered "
+                            f"trials) nor a detect folder (summary.json with detections_per_class).")
+    return runs, sweeps, detections
 
 
 def best_run(runs: List[Run], scratch: Optional[bool] = True) -> Optional[Run]:
     """The run with the highest best validation accuracy (the test set never picks a model)."""
-    pool = [r for r in runs if r.val is not None and (scratch is None or r.is_scratch == scratch)]
+    pool = [r for r in runs if r.trained and r.val is not None and (scratch is None or r.is_scratch == scratch)]
     return max(pool, key=lambda r: r.val) if pool else None

@@ -46,12 +46,15 @@ def _wandb_files(run: Run) -> Optional[Path]:
 def recorded_environment(run: Run) -> Dict[str, str]:
     """Versions and hardware the run folder itself recorded (may be empty)."""
     env: Dict[str, str] = {}
-    for key in ("python", "torch"):
-        if run.summary.get(key):
-            env[key] = str(run.summary[key])
-    versions = run.summary.get("versions") or run.summary.get("env") or {}
-    if isinstance(versions, dict):
-        env.update({k: str(v) for k, v in versions.items() if k in ("python", "torch", "cpu", "gpu")})
+    # fit records its versions and hardware under summary["environment"] (Summary.environment).
+    recorded = run.summary.environment or {}
+    for key in ("python", "torch", "cpu", "gpu"):
+        if recorded.get(key):
+            env[key] = str(recorded[key])
+    if "cpu" in env and recorded.get("cpu_count"):
+        env["cpu"] = f"{env['cpu']} ({recorded['cpu_count']} logical CPUs)"
+    if recorded and "gpu" not in env:  # the run recorded its machine, and it had no GPU in use
+        env["gpu"] = "none"
     files = _wandb_files(run)
     if files is not None:
         meta_path = files / "wandb-metadata.json"
@@ -81,10 +84,12 @@ def run_provenance(run: Run, machine: Dict[str, str]) -> Dict[str, Any]:
     for k in missing:  # honest fallback: say it is the report machine's value
         env[k] = f"{machine[k]} (report machine)"
     seeds = {"seed": run.get("seed"), "data.split_seed": run.get("data.split_seed")}
-    device = run.summary.get("device")
+    device = run.summary.device
     if device:
-        env["device"] = f"{device} x {run.summary.get('world_size', 1)}"
+        env["device"] = f"{device} x {run.summary.world_size}"
+    if run.summary.precision:
+        env["precision"] = run.summary.precision
     # A sweep trial's overrides.yaml holds its sampled values: as a single run they reproduce it.
     command = " ".join(["python run.py", *run.overrides])
     return {"run": run.name, "path": str(run.path), "command": command, "data_root": run.get("data.root", "?"),
-            "seeds": seeds, "env": env}
+            "seeds": seeds, "env": env, "sweep": run.sweep}

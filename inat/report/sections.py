@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from inat.report.collect import Run, Sweep
-from inat.report.html import Raw, esc, figure, pct, pre_json, table
+from inat.report.html import Raw, esc, figure, pct, table
 
 # Explain figures in the order the report shows them, with what each answers.
 EXPLAIN_FIGURES = [
@@ -27,17 +27,22 @@ def _num(value: Any, digits: int = 0) -> str:
         return str(value)
 
 
-def runs_overview(runs: List[Run]) -> str:
-    """Every run given (sweep trials included), best validation accuracy first."""
+def appendix(runs: List[Run]) -> str:
+    """Every run given (sweep trials included), best validation accuracy first, collapsed.
+
+    A sweep has hundreds of trials: listed in full before the answers they would push Q1
+    thousands of pixels down the page, so they sit here, closed until asked for.
+    """
     rows = []
     for r in sorted(runs, key=lambda r: -(r.val or -1)):
-        rows.append([r.name, r.model, r.get("act.name", "–"), r.get("filters.organisation", "–"),
-                     r.get("finetune.strategy", "none"), pct(r.val), pct(r.test_accuracy), r.summary.get("epochs", "–"),
-                     _num(r.summary.get("params")), _num(r.summary.get("wall_seconds"))])
-    return ("<h2>Runs</h2><p>Model selection uses validation accuracy (split from train/); test accuracy is "
-            "reported, never used to choose.</p>"
+        rows.append([r.name, r.model if r.trained else "– (not trained)", r.get("act.name", "–"),
+                     r.get("filters.organisation", "–"), r.get("finetune.strategy", "none"), pct(r.val),
+                     pct(r.test_accuracy), r.summary.epochs, _num(r.summary.params), _num(r.summary.wall_seconds)])
+    return (f"<h2>Appendix: all {len(runs)} runs and trials</h2><details id=\"all-runs\"><summary>Show the table "
+            "(model selection uses validation accuracy, split from train/; test accuracy is reported, never used "
+            "to choose)</summary>"
             + table(["run", "model", "act", "filters", "finetune", "best val", "test", "epochs", "params", "wall s"],
-                    rows, numeric=(5, 6, 7, 8, 9)))
+                    rows, numeric=(5, 6, 7, 8, 9)) + "</details>")
 
 
 def counts_section(run: Optional[Run]) -> str:
@@ -47,7 +52,7 @@ def counts_section(run: Optional[Run]) -> str:
     from inat.models.scratch import (FORMULA_MACS, FORMULA_PARAMS, Architecture, architecture_from_config,
                                      count_macs, count_params)
 
-    out = ["<h2>Q1. The model and its closed-form counts</h2>",
+    out = ["<h2>Part A</h2><h2 id=\"q1\">Q1. The model and its closed-form counts</h2>",
            "<p>5 blocks of conv (k×k, m filters, 'same' padding) → activation → 2×2 max-pool, then a dense layer "
            "of n units and a 10-way output, on an H×W×3 input. Without batch norm and with m filters of k×k in every "
            "layer:</p>",
@@ -59,7 +64,7 @@ def counts_section(run: Optional[Run]) -> str:
     model = SimpleNamespace(**{"kernel_size": 3, "dense_units": 128, "batch_norm": True, **run.config.get("model", {})})
     filters = SimpleNamespace(**{"organisation": "same", "base": 32, "custom": None, **run.config.get("filters", {})})
     size = int(run.get("data.image_size", 96))
-    classes = run.summary.get("classes") or (run.test or {}).get("classes") or list(range(10))
+    classes = run.summary.classes or (run.test or {}).get("classes") or list(range(10))
     arch = architecture_from_config(model, num_classes=len(classes), image_size=size, filters=filters)
     m, n = int(filters.base), arch.dense_units
     k = arch.kernels[0]
@@ -69,8 +74,8 @@ def counts_section(run: Optional[Run]) -> str:
             [f"the run as built ({filters.organisation} filters {list(arch.channels)}, kernels {list(arch.kernels)}, "
              f"batch norm {arch.batch_norm}, {len(classes)} classes)", "closed form (count_params, count_macs)",
              _num(count_params(arch)), _num(count_macs(arch))]]
-    if run.summary.get("params") is not None:
-        rows.append(["the run as built", "measured: sum of numel() (summary.json)", _num(run.summary["params"]), "–"])
+    if run.summary.params is not None:
+        rows.append(["the run as built", "measured: sum of numel() (summary.json)", _num(run.summary.params), "–"])
     if run.info:
         rows.append(["info.json", "", _num(run.info.get("params")), _num(run.info.get("macs"))])
     out.append(f"<p>Values for run <b>{esc(run.name)}</b>:</p>")
@@ -92,45 +97,61 @@ def _plot_order(sweep: Sweep) -> List[Path]:
     return ordered + [p for p in sweep.pngs if p not in ordered]
 
 
-def sweeps_section(sweeps: List[Sweep]) -> str:
-    """Part A Q2-Q3: per sweep, the searched space, its plots, the observations and the best trial."""
-    out = ["<h2>Q2–Q3. Hyperparameter sweeps</h2>"]
+def _trial_counts(sweep: Sweep) -> str:
+    """"468 trained trials (313 stopped early by the median rule); 1 refused by the budget"."""
+    trained = [r for r in sweep.runs if r.trained]
+    pruned = sum(r.summary.pruned for r in trained)
+    refused = sum(r.summary.budget_stopped for r in sweep.runs)
+    text = f"{len(trained)} trained trials"
+    if pruned:
+        text += f" ({pruned} stopped early by the median rule)"
+    if refused:
+        text += f"; {refused} not trained (refused by the sweep budget)"
+    return text
+
+
+def sweep_plots_section(sweeps: List[Sweep], figures: Dict[str, Dict[str, str]]) -> str:
+    """Part A Q2: per sweep, what was searched, accuracy by trial start, parallel coordinates, parameter effects.
+
+    ``figures`` holds each sweep's interactive plotly fragments (by sweep folder name); a sweep
+    without them shows the PNGs its sweep report left in the folder.
+    """
+    out = ["<h2 id=\"q2\">Q2. Hyperparameter sweeps</h2>"]
     if not sweeps:
         out.append("<p class=\"note\">No sweep folder among the inputs.</p>")
         return "".join(out)
     for sweep in sweeps:
-        done = [r for r in sweep.runs if r.val is not None]
-        out.append(f"<h3>Sweep {esc(sweep.path.name)}: {len(sweep.runs)} trials ({len(done)} finished)</h3>")
+        out.append(f"<h3>Sweep {esc(sweep.path.name)}: {esc(_trial_counts(sweep))}</h3>")
         if sweep.command:
             out.append(f"<p>Command: <code>{esc(sweep.command)}</code></p>")
         if sweep.space:
-            out.append("<p>Searched space:</p>" + table(["parameter", "values / distribution"],
-                                                         [[k, v] for k, v in sweep.space.items()]))
-        for png in _plot_order(sweep):
-            out.append(figure(png, f"{sweep.path.name}/{png.name}"))
-        obs = sweep.report.get("observations") or []
-        if obs:
-            items = []
-            for o in obs:
-                if isinstance(o, dict):
-                    evidence = f" <span class=\"note\">({esc(o['evidence'])})</span>" if o.get("evidence") else ""
-                    items.append(f"<li>{esc(o.get('text', o))}{evidence}</li>")
-                else:
-                    items.append(f"<li>{esc(o)}</li>")
-            out.append(f"<p>Observations (from the sweep's data):</p><ul>{''.join(items)}</ul>")
+            out.append("<details><summary>Searched space</summary>" + table(
+                ["parameter", "values / distribution"], [[k, v] for k, v in sweep.space.items()]) + "</details>")
+        interactive = figures.get(sweep.path.name)
+        if interactive:
+            out.append("<p>Accuracy by trial start (pauses between sittings cut out and marked):</p>"
+                       + interactive["progress"])
+            out.append("<p>Parallel coordinates (log axes for log-sampled parameters; drag on an axis to "
+                       "filter):</p>" + interactive["parallel"])
+        else:
+            for png in _plot_order(sweep):
+                out.append(figure(png, f"{sweep.path.name}/{png.name}"))
         corr = sweep.report.get("correlations") or []
         if corr and isinstance(corr[0], dict):
             keys = [k for k in ("param", "kind", "n", "val_accuracy", "val_loss", "importance") if k in corr[0]]
-            out.append("<p>Parameter effects (sweep report):</p>" + table(
+            out.append("<p>Parameter effects: rank correlation with best val accuracy and val loss, and "
+                       "Optuna importance (sweep report):</p>" + table(
                 keys, [[_num(c.get(k), 3) if isinstance(c.get(k), float) else c.get(k, "") for k in keys] for c in corr]))
+            note = corr[0].get("importance_note")
+            if note:
+                out.append(f"<p class=\"note\">Importance: {esc(note)}</p>")
         best = sweep.report.get("best_config") or sweep.report.get("best")
-        if best:
-            if isinstance(best, dict) and best.get("command"):
-                out.append(f"<p>Best trial: <code>{esc(best['command'])}</code>"
-                           + (f" (val {pct(best['val_accuracy'])})" if best.get("val_accuracy") is not None else "")
-                           + "</p>")
-            out.append("<p>Best configuration (sweep report):</p>" + pre_json(best))
-        top = sorted(done, key=lambda r: -r.val)[:10]
+        if isinstance(best, dict) and best.get("command"):
+            out.append(f"<p>Best trial{' ' + esc(best['trial']) if best.get('trial') is not None else ''}: "
+                       f"<code>{esc(best['command'])}</code>"
+                       + (f" (val {pct(best['val_accuracy'])})" if best.get("val_accuracy") is not None else "")
+                       + "</p>")
+        top = sorted((r for r in sweep.runs if r.val is not None), key=lambda r: -r.val)[:10]
         if top:
             # Overrides every trial shares (data root, budget, ...) are shown once, so the table
             # shows what the sweep varied.
@@ -140,16 +161,34 @@ def sweeps_section(sweeps: List[Sweep]) -> str:
                            + esc(" ".join(o for o in sweep.runs[0].overrides if o in common)) + "</code></p>")
             out.append("<p>Top trials by validation accuracy:</p>" + table(
                 ["trial", "overrides (sampled)", "best val", "epochs"],
-                [[r.path.name, " ".join(o for o in r.overrides if o not in common), pct(r.val),
-                  r.summary.get("epochs", "–")] for r in top],
-                numeric=(2, 3)))
+                [[r.path.name, " ".join(o for o in r.overrides if o not in common), pct(r.val), r.summary.epochs]
+                 for r in top], numeric=(2, 3)))
+    return "".join(out)
+
+
+def observations_section(sweeps: List[Sweep]) -> str:
+    """Part A Q3: what the sweeps show, each observation with the numbers behind it."""
+    out = ["<h2 id=\"q3\">Q3. Observations from the sweeps</h2>"]
+    items = []
+    for sweep in sweeps:
+        for o in sweep.report.get("observations") or []:
+            if isinstance(o, dict):
+                evidence = f" <span class=\"note\">(evidence: {esc(o['evidence'])})</span>" if o.get("evidence") else ""
+                items.append(f"<li><b>{esc(sweep.path.name)}</b>: {esc(o.get('text', o))}{evidence}</li>")
+            else:
+                items.append(f"<li><b>{esc(sweep.path.name)}</b>: {esc(o)}</li>")
+    if not items:
+        out.append("<p class=\"note\">No sweep report among the inputs (python run.py +mode=sweep_report "
+                   "sweep.dir=SWEEP_DIR writes one).</p>")
+    else:
+        out.append(f"<ul>{''.join(items)}</ul>")
     return "".join(out)
 
 
 def best_model_section(run: Optional[Run], explained: Optional[Dict[str, Any]], explain_dir: Optional[Path],
                        curves: Optional[bytes]) -> str:
     """Part A Q4: the best run's test accuracy and its explanation figures."""
-    out = ["<h2>Q4. Best model on the test set</h2>"]
+    out = ["<h2 id=\"q4\">Q4. Best model on the test set</h2>"]
     if run is None:
         out.append("<p class=\"note\">No finished scratch run among the inputs.</p>")
         return "".join(out)
@@ -183,8 +222,8 @@ def best_model_section(run: Optional[Run], explained: Optional[Dict[str, Any]], 
 
 def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Optional[bytes]) -> str:
     """Part B: fine-tuning strategies, and scratch against the best fine-tuned run."""
-    tuned = [r for r in runs if not r.is_scratch]
-    out = ["<h2>Part B. Fine-tuning a pretrained model</h2>"]
+    tuned = [r for r in runs if r.trained and not r.is_scratch]  # a budget-refused trial has no model
+    out = ["<h2 id=\"part-b\">Part B. Fine-tuning a pretrained model</h2>"]
     if not tuned:
         out.append("<p class=\"note\">No fine-tuning run (model.name other than scratch) among the inputs.</p>")
         return "".join(out)
@@ -195,18 +234,18 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
         views = r.get("finetune.cache_views", 0) if strategy == "partial" else 0
         if views:  # trained on cached frozen-prefix outputs of this many augmented views
             k = f"{k} (cached, {views} views)"
-        rows.append([r.name, r.model, strategy, k, pct(r.val), pct(r.test_accuracy), r.summary.get("epochs", "–"),
-                     _num(r.summary.get("wall_seconds")), _num(r.summary.get("train_images_per_sec"))])
+        rows.append([r.name, r.model, strategy, k, pct(r.val), pct(r.test_accuracy), r.summary.epochs,
+                     _num(r.summary.wall_seconds), _num(r.summary.train_images_per_sec)])
     out.append("<p>Strategies (config <code>finetune.strategy</code>):</p>")
     out.append(table(["run", "model", "strategy", "k", "best val", "test", "epochs", "wall s", "train img/s"], rows,
                      numeric=(4, 5, 6, 7, 8)))
     best_tuned = max((r for r in tuned if r.val is not None), key=lambda r: r.val, default=None)
     if best_tuned is not None and scratch_best is not None:
         rows = [[f"scratch ({scratch_best.name})", pct(scratch_best.val), pct(scratch_best.test_accuracy),
-                 _num(scratch_best.summary.get("params")), _num(scratch_best.summary.get("wall_seconds"))],
+                 _num(scratch_best.summary.params), _num(scratch_best.summary.wall_seconds)],
                 [f"fine-tuned {best_tuned.model}, {best_tuned.get('finetune.strategy')} ({best_tuned.name})",
-                 pct(best_tuned.val), pct(best_tuned.test_accuracy), _num(best_tuned.summary.get("params")),
-                 _num(best_tuned.summary.get("wall_seconds"))]]
+                 pct(best_tuned.val), pct(best_tuned.test_accuracy), _num(best_tuned.summary.params),
+                 _num(best_tuned.summary.wall_seconds)]]
         out.append("<p>Scratch against fine-tuning (best of each by validation accuracy):</p>")
         roots = {str(scratch_best.get("data.root")), str(best_tuned.get("data.root"))}
         if len(roots) > 1:  # a cross-dataset gap says nothing about fine-tuning
@@ -222,21 +261,56 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
     return "".join(out)
 
 
+def part_c_section(detections: List[Dict[str, Any]]) -> str:
+    """Part C: the detection application, from the summary.json each detect run wrote."""
+    out = ["<h2 id=\"part-c\">Part C. Detection application</h2>"]
+    if not detections:
+        out.append("<p class=\"note\">No detection folder among the inputs "
+                   "(python run.py +mode=detect detect.inputs=[...] writes one).</p>")
+        return "".join(out)
+    for d in detections:
+        summary = d["summary"]
+        rows = [[k, v] for k, v in (summary.get("detections_per_class") or {}).items()]
+        out.append(f"<h3>{esc(d['name'])}</h3><p>{esc(summary.get('frames', '?'))} frames; "
+                   f"{len(summary.get('loitering_alerts') or [])} loitering alerts"
+                   + (f"; {_num(summary.get('frames_per_sec'), 2)} frames/s" if summary.get("frames_per_sec") else "")
+                   + "</p>")
+        if rows:
+            out.append(table(["class", "detections"], rows, numeric=(1,)))
+    return "".join(out)
+
+
 def provenance_section(rows: List[Dict[str, Any]], machine: Dict[str, str], sweeps: List[Sweep]) -> str:
-    """Which command, data root, seeds, versions and hardware produced each number."""
+    """Which command, data root, seeds, versions and hardware produced each number, from each run's record.
+
+    A sweep's trials share one command: it gets one row per distinct recorded environment
+    rather than one per trial (the trials are in the appendix).
+    """
+    def versions(env: Dict[str, str]) -> str:
+        return f"python {env['python']}, torch {env['torch']}" + (f", {env['precision']}" if env.get("precision") else "")
+
+    def hardware(env: Dict[str, str]) -> str:
+        return f"{env.get('device', '?')}; CPU {env['cpu']}; GPU {env['gpu']}"
+
     body = []
+    by_sweep: Dict[str, Dict[tuple, int]] = {}
     for p in rows:
         env = p["env"]
+        if p.get("sweep"):
+            key = (versions(env), hardware(env), p["data_root"])
+            by_sweep.setdefault(p["sweep"], {}).setdefault(key, 0)
+            by_sweep[p["sweep"]][key] += 1
+            continue
         seeds = ", ".join(f"{k}={v}" for k, v in p["seeds"].items())
-        body.append([p["run"], Raw(f"<code>{esc(p['command'])}</code>"), p["data_root"], seeds,
-                     f"python {env['python']}, torch {env['torch']}",
-                     f"{env.get('device', '?')}; CPU {env['cpu']}; GPU {env['gpu']}"])
-    out = ["<h2>Provenance</h2>",
-           "<p>Every number above comes from the run folders listed here. Values marked "
-           "\"(report machine)\" were not recorded by the run and are those of the machine that built this report.</p>",
-           table(["run", "command", "data root", "seeds", "versions", "hardware"], body)]
+        body.append([p["run"], Raw(f"<code>{esc(p['command'])}</code>"), p["data_root"], seeds, versions(env),
+                     hardware(env)])
     for s in sweeps:
-        if s.command:
-            out.append(f"<p>Sweep {esc(s.path.name)}: <code>{esc(s.command)}</code></p>")
-    out.append("<p>Report machine: " + esc(", ".join(f"{k} {v}" for k, v in machine.items())) + "</p>")
-    return "".join(out)
+        for (ver, hw, root), n in by_sweep.get(s.path.name, {}).items():
+            body.append([f"sweep {s.path.name} ({n} trial{'' if n == 1 else 's'})", Raw(f"<code>{esc(s.command or '?')}</code>"), root,
+                         "per trial (appendix)", ver, hw])
+    return "".join(["<h2 id=\"provenance\">Provenance</h2>",
+                    "<p>Every number above comes from the run folders listed here; versions and hardware are what "
+                    "each run recorded in its own summary.json. Values marked \"(report machine)\" were not recorded "
+                    "by the run and are those of the machine that built this report.</p>",
+                    table(["run", "command", "data root", "seeds", "versions", "hardware"], body),
+                    "<p>Report machine: " + esc(", ".join(f"{k} {v}" for k, v in machine.items())) + "</p>"])

@@ -6,7 +6,6 @@ observations are sentences generated from those numbers, each carrying its evide
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from inat.sweep.trials import Trial, read_sweep
+from inat.run_folder import HYDRA_OVERRIDES, read_sweep
+from inat.sweep.trials import Trial
 
 # Keys a trial sets that are not hyperparameters (never shown as searched dimensions).
 NOT_PARAMS = ("wandb.", "hydra.", "sweep.", "data.root", "data.workers", "data.cache_dir", "train.threads")
@@ -47,6 +47,7 @@ class Row:
     started: Optional[dt.datetime]
     stop_reason: str
     path: str
+    max_minutes: float = 0.0  # the trial's per-run time limit (0 = none)
 
 
 @dataclass
@@ -86,16 +87,23 @@ def open_study(info: Dict[str, Any], storage: Optional[str] = None, study_name: 
         return None
     if "***" in url:
         raise ValueError("the storage URL in sweep.json hides its password; pass sweep.storage=URL")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        # SQLite would create an empty file on connect: reading a sweep must not write into it.
+        raise FileNotFoundError(f"no study file at {url[len('sqlite:///'):]} (trial folders or trials.csv only)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=study_name or info.get("study_name"), storage=url)
 
 
 def load_sweep(sweep_dir: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> SweepData:
-    """Read trial folders, ``sweep.json`` and (if reachable) the study into a ``SweepData``."""
+    """The sweep's trials (via :func:`inat.run_folder.read_sweep`) and, if reachable, its study.
+
+    Trial start times come from the study when it opens, else from a compact trials.csv's
+    recorded column, else from the time Hydra wrote each trial's overrides.yaml.
+    """
     sweep_dir = Path(sweep_dir)
-    info_path = sweep_dir / "sweep.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    trials = read_sweep(sweep_dir)
+    record = read_sweep(sweep_dir)
+    info = record.info
+    trials = [Trial(n, r) for n, r in record.trials.items()]
     study, error = None, None
     try:
         study = open_study(info, storage, study_name)
@@ -116,22 +124,22 @@ def load_sweep(sweep_dir: Path, storage: Optional[str] = None, study_name: Optio
                 fixed.setdefault(k, v)
     rows = []
     for t in trials:
-        when = started.get(t.number)
-        overrides_file = t.path / ".hydra" / "overrides.yaml"
+        when = started.get(t.number) or t.record.started
+        overrides_file = t.path / HYDRA_OVERRIDES
         if when is None and overrides_file.is_file():  # written by Hydra as the job starts
             when = dt.datetime.fromtimestamp(overrides_file.stat().st_mtime)
-        summary = t.summary or {}
+        seconds = t.summary.train_seconds if t.summary is not None else ((t.curve[-1].seconds or 0.0) if t.curve else 0.0)
         rows.append(Row(t.number, _state(t), {k: parse_value(t.overrides[k]) for k in names if k in t.overrides},
-                        t.best_val_accuracy if t.curve or summary else None, t.best_val_loss(), t.epochs,
-                        float(summary.get("train_seconds", t.curve[-1]["seconds"] if t.curve else 0.0)), when,
-                        t.stop_reason, str(t.path)))
-    planned = None
-    for t in trials:
-        cfg = (t.summary or {}).get("config") or {}
-        if cfg.get("train", {}).get("epochs"):
-            planned = int(cfg["train"]["epochs"])
-            break
+                        t.best_val_accuracy if t.curve or t.summary else None, t.best_val_loss(), t.epochs,
+                        float(seconds), when, t.stop_reason, str(t.path), _max_minutes(t)))
+    planned = next((int(t.summary.config_value("train.epochs")) for t in trials
+                    if t.summary is not None and t.summary.config_value("train.epochs")), None)
     return SweepData(sweep_dir, info, rows, names, fixed, study, error, planned)
+
+
+def _max_minutes(t: Trial) -> float:
+    """The trial's own ``train.max_minutes`` (0 = no per-run limit)."""
+    return float((t.summary.config_value("train.max_minutes") if t.summary is not None else 0) or 0)
 
 
 def ranks(values: Sequence[float]) -> np.ndarray:

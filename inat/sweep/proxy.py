@@ -17,12 +17,12 @@ trial to its proxy trial and both accuracies.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from inat.run_folder import PROMOTION, read_sweep_info
 from inat.runs import write_json
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
@@ -71,7 +71,7 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # enqueue_trial
     proxy_dir, out_dir = Path(proxy_dir), Path(out_dir)
-    info = json.loads((proxy_dir / "sweep.json").read_text()) if (proxy_dir / "sweep.json").is_file() else {}
+    info = read_sweep_info(proxy_dir)
     best = top_configs(proxy_dir, top_k, storage, study_name)
     if not best:
         raise SystemExit(f"error: '{proxy_dir}' has no complete trial to promote.")
@@ -86,10 +86,10 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
         study.enqueue_trial(cfg["params"])
     # The best trial's own overrides, minus its searched keys: the exact command it ran under
     # (sweep.json only keeps the last command given to a sweep folder).
-    from inat.sweep.trials import read_overrides
+    from inat.run_folder import overrides_dict, read_overrides
 
     searched = set(best[0]["params"])
-    proxy_args = [f"{k}={v}" for k, v in read_overrides(proxy_dir / str(best[0]["trial"])).items() if k not in searched]
+    proxy_args = [f"{k}={v}" for k, v in overrides_dict(read_overrides(proxy_dir / str(best[0]["trial"]))).items() if k not in searched]
     args = merge_overrides(proxy_args, full_args)
     command = [python, str(RUN_PY), "-m", "hydra/sweeper=optuna", f"hydra.sweep.dir={out_dir}",
                f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}", f"hydra.sweeper.n_trials={len(best)}",
@@ -97,7 +97,7 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
     record: Dict[str, Any] = {"proxy_dir": str(proxy_dir), "command": command, "promoted": [
         {"trial": i, "proxy_trial": c["trial"], "proxy_value": c["value"], "params": c["params"]}
         for i, c in enumerate(best)]}
-    write_json(out_dir / "promotion.json", record)
+    write_json(out_dir / PROMOTION, record)
     if not run:
         return record
     print("promoting:", " ".join(command), flush=True)
@@ -106,7 +106,7 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
     values = {t.number: t.value for t in study.trials}
     for p in record["promoted"]:
         p["full_value"] = values.get(p["trial"])
-    write_json(out_dir / "promotion.json", record)
+    write_json(out_dir / PROMOTION, record)
     return record
 
 

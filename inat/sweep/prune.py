@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from inat.sweep.trials import read_sweep
+from inat.sweep.trials import read_trials
 
 
 def should_stop(cfg: Any, run_dir: Path, record: Dict[str, Any]) -> Optional[str]:
@@ -27,7 +27,7 @@ def should_stop(cfg: Any, run_dir: Path, record: Dict[str, Any]) -> Optional[str
     if not sweep_cfg.prune or epoch <= int(sweep_cfg.prune_warmup_epochs) or epoch >= int(cfg.train.epochs):
         return None
     run_dir = Path(run_dir)
-    others = [t.val_accuracy_at(epoch) for t in read_sweep(run_dir.parent)
+    others = [t.val_accuracy_at(epoch) for t in read_trials(run_dir.parent)
               if t.finished and t.path.resolve() != run_dir.resolve()]
     others = [v for v in others if v is not None]
     if len(others) < max(1, int(sweep_cfg.prune_min_trials)):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from inat.errors import InatError
+from inat.run_folder import SWEEP_REPORT, SWEEP_REPORT_HTML
 from inat.runs import write_json
 from inat.sweep.analysis import SweepData, best_row, correlations, load_sweep, observations, reproduce_command
 
@@ -43,7 +44,7 @@ def build_report(sweep_dir: Path, storage: Optional[str] = None, study_name: Opt
     files = save_pngs(data, sweep_dir)
     write_wandb_sweep(data.info.get("params") or preset_params(), sweep_dir / "wandb_sweep.yaml")
     files["wandb_sweep"] = "wandb_sweep.yaml"
-    files["html"] = "sweep_report.html"
+    files["html"] = SWEEP_REPORT_HTML
     counts = {s: sum(r.state == s for r in data.rows) for s in ("complete", "pruned", "budget", "running")}
     summary = {
         "sweep_dir": str(sweep_dir), "study_name": data.info.get("study_name"), "storage": data.info.get("storage"),
@@ -56,8 +57,8 @@ def build_report(sweep_dir: Path, storage: Optional[str] = None, study_name: Opt
                    "epochs": r.epochs, "train_seconds": r.train_seconds,
                    "started": r.started.isoformat() if r.started else None, "params": r.params} for r in data.rows],
     }
-    (sweep_dir / "sweep_report.html").write_text(render_html(data, summary, plotly_fragments(data)))
-    write_json(sweep_dir / "sweep_report.json", summary)
+    (sweep_dir / SWEEP_REPORT_HTML).write_text(render_html(data, summary, plotly_fragments(data)))
+    write_json(sweep_dir / SWEEP_REPORT, summary)
     return summary
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
+from inat.run_folder import BUDGET_PREFIX, SWEEP_INFO, Summary, write_summary
 from inat.runs import write_json
 from inat.sweep.trials import read_trial
 
@@ -75,7 +76,7 @@ def hide_password(url: Optional[str]) -> Optional[str]:
 def write_sweep_info(sweep_dir: Path, impl: Any, study_name: str, arguments: List[str], budget: float) -> None:
     """``sweep.json``: what the report and the proxy promotion need (Optuna writes no multirun.yaml)."""
     params = OmegaConf.to_container(impl.params, resolve=True) if impl.params is not None else {}
-    write_json(sweep_dir / "sweep.json", {"storage": hide_password(impl.storage), "study_name": study_name,
+    write_json(sweep_dir / SWEEP_INFO, {"storage": hide_password(impl.storage), "study_name": study_name,
                                           "params": params, "arguments": arguments,
                                           "direction": impl._get_directions()[0], "budget_minutes": budget,
                                           "sampler": type(impl.sampler).__name__})
@@ -164,7 +165,7 @@ class InatOptunaSweeper(OptunaSweeper):
                 continue
             if info is not None:
                 for row in info.curve:
-                    trial.report(float(row["val_accuracy"]), step=int(row["epoch"]))
+                    trial.report(row.val_accuracy, step=row.epoch)
                 trial.set_user_attr("stop_reason", info.stop_reason)
             if info is not None and info.pruned:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -183,10 +184,9 @@ class InatOptunaSweeper(OptunaSweeper):
         folder = sweep_dir / str(trial.number)
         (folder / ".hydra").mkdir(parents=True, exist_ok=True)
         (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-        reason = f"budget: sweep budget of {budget:g} minutes spent before this trial started"
-        write_json(folder / "summary.json", {"best_val_accuracy": 0.0, "val_accuracy": 0.0, "best_epoch": 0,
-                                             "epochs": 0, "stop_reason": reason, "train_seconds": 0.0,
-                                             "wall_seconds": 0.0})
+        reason = f"{BUDGET_PREFIX} sweep budget of {budget:g} minutes spent before this trial started"
+        # The same Summary type fit writes: readers tell it apart by stop_reason, not by missing keys.
+        write_summary(folder, Summary(best_val_accuracy=0.0, val_accuracy=0.0, stop_reason=reason))
         trial.set_user_attr("stop_reason", reason)
         trial.set_user_attr("run_dir", str(folder))
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)

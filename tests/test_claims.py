@@ -1,0 +1,77 @@
+"""The README's results table against its evidence files, and the checker's own failure modes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def claims_module():
+    spec = importlib.util.spec_from_file_location("claims", REPO / "experiments" / "claims.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["claims"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def tracked(under: str) -> list[str]:
+    """Files git tracks under ``under`` ([] outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "ls-files", under], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return out.split()
+
+
+def test_every_readme_number_matches_its_file():
+    """Each number of the results table equals the value its source names; none lacks a source."""
+    claims = claims_module()
+    problems = claims.check(REPO / "README.md")
+    assert not problems, "\n".join(problems)
+    found = claims.claims((REPO / "README.md").read_text())
+    assert len(found) >= 40
+    files = tracked("experiments")
+    if files:  # a source must be committed evidence, not a file left on one machine
+        missing = sorted({c.source.split("#")[0] for c in found} - set(files))
+        assert not missing, f"README sources not tracked by git: {missing}"
+
+
+def test_checker_fails_on_a_wrong_or_unsourced_number(tmp_path, monkeypatch):
+    claims = claims_module()
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "r.json").write_text(json.dumps({"a": {"acc": 0.3499999940395355, "n": 1511},
+                                                                 "rows": [{"name": "x y", "v": 2.74}]}))
+    monkeypatch.setattr(claims, "REPO", tmp_path)
+    head = "| result | number | command | source |\n|---|---|---|---|\n"
+    good = head + "| r | **35.0%**; 1,511 MiB; 2.74x | c | experiments/r.json#a.acc; #a.n; #rows[name=x y].v |\n"
+    (tmp_path / "README.md").write_text(good)
+    assert claims.check(tmp_path / "README.md") == []
+    for bad, why in ((good.replace("35.0%", "35.1%"), "holds"), (good.replace("2.74x", "2.74x, 7"), "no source"),
+                     (good.replace("#a.n", "#a.missing"), "no key"),
+                     (good.replace("experiments/r.json", "experiments/nope.json"), "not a file")):
+        (tmp_path / "README.md").write_text(bad)
+        problems = claims.check(tmp_path / "README.md")
+        assert problems and why in problems[0], (why, problems)
+
+
+def test_no_machine_paths_in_committed_evidence():
+    """Committed results (JSON, CSV, YAML, Markdown under experiments/) name no machine's folders."""
+    machine = re.compile(r"(?<![\w.])/(work|tmp|root|home|Users)/")
+    offenders = [f for f in tracked("experiments") if f.endswith((".json", ".jsonl", ".csv", ".yaml", ".md"))
+                 and machine.search((REPO / f).read_text(errors="replace"))]
+    assert not offenders, offenders
+
+
+def test_experiments_keeps_evidence_not_raw_output():
+    files = tracked("experiments")
+    if not files:
+        pytest.skip("not a git checkout")
+    assert len(files) < 200
+    assert not [f for f in files if f.endswith(".db") or "/hydra.yaml" in f or re.search(r"/\d+/", f)]
