@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Tuple
 
+from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
 from inat.models.registry import create_model, list_models, register_model
 
@@ -42,8 +43,14 @@ def model_from_state(state: dict, *, use_ema: bool = True) -> InatModel:
     cfg = OmegaConf.create(state["config"])
     cfg.model.pretrained = False
     cfg.model.weights_file = None
-    model = build_from_config(cfg, len(state["classes"]))
     weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
-    model.load_state_dict(weights)
+    try:
+        model = build_from_config(cfg, len(state["classes"]))
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        # A tampered or mismatched file (a shortened class list, missing tensors) fails here.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InatError(f"The checkpoint's weights do not fit the {cfg.model.name} model its config describes with "
+                        f"{len(state['classes'])} classes ({first[:160]}); it is not a complete inat checkpoint.") from err
     model.eval()
     return model
