@@ -9,6 +9,7 @@ is ``test_faults_files.py``.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Callable, List
@@ -20,9 +21,13 @@ from conftest import FAST, make_dataset, run_cli
 from inat.errors import InatError
 
 
+PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")
+
+
 def assert_one_error(text: str, *needles: str) -> str:
     """The output holds exactly one ``error:`` line, no traceback, and every needle; returns the line."""
-    lines = [line for line in text.splitlines() if line.strip()]
+    # Progress bars (tqdm, drawn with \r) are not messages; everything else counts.
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and not PROGRESS.search(line)]
     errors = [line for line in lines if line.startswith("error: ")]
     assert "Traceback" not in text, text
     assert len(errors) == 1, text

@@ -16,11 +16,17 @@ from inat.data.folder import FolderSplit, find_test_dir, scan_test, test_access
 from inat.errors import InatError
 
 
-def check_leakage(test_sha1: Sequence[str], test_paths: Sequence[Path], state: Dict[str, Any], root: Path) -> None:
-    """Refuse when a test image's bytes equal a training or validation image's bytes."""
+def _split_hashes(state: Dict[str, Any]) -> set:
+    """The sha1 of every image the run trained or validated on; refused when the checkpoint has none."""
     seen = set(state.get("split_sha1", {}).get("train", [])) | set(state.get("split_sha1", {}).get("val", []))
     if not seen:
         raise InatError("The checkpoint has no split hashes, so test leakage cannot be checked; retrain with this inat.")
+    return seen
+
+
+def check_leakage(test_sha1: Sequence[str], test_paths: Sequence[Path], state: Dict[str, Any], root: Path) -> None:
+    """Refuse when a test image's bytes equal a training or validation image's bytes."""
+    seen = _split_hashes(state)
     leaks = [p for p, h in zip(test_paths, test_sha1) if h in seen]
     if leaks:
         first = Path(leaks[0]).relative_to(root) if Path(leaks[0]).is_relative_to(root) else leaks[0]
@@ -47,6 +53,7 @@ def read_test_set(state: Dict[str, Any], root: str | Path, size: int, *, purpose
     """
     root = Path(root)
     classes = list(state["classes"])
+    _split_hashes(state)  # before decoding anything: without hashes nothing may be scored
     with test_access(purpose):
         check_not_train(root)
         folder = scan_test(root, classes)

@@ -41,7 +41,10 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(ckpt)
     root = data_root or state["config"]["data"]["root"]
-    model = model_from_state(state)  # the checkpoint is read once
+    try:
+        model = model_from_state(state)  # the checkpoint is read once
+    except InatError as err:
+        raise InatError(f"Checkpoint '{ckpt}': {err}") from err
     spec, classes = model.spec, list(state["classes"])
 
     scores = None

@@ -28,7 +28,10 @@ def model_from_checkpoint(path: str | Path, *, use_ema: bool = True) -> Tuple[In
     from inat.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
-    model = model_from_state(state, use_ema=use_ema)
+    try:
+        model = model_from_state(state, use_ema=use_ema)
+    except InatError as err:
+        raise InatError(f"Checkpoint '{path}': {err}") from err
     return model, model.spec, list(state["classes"])
 
 
@@ -49,8 +52,9 @@ def model_from_state(state: dict, *, use_ema: bool = True) -> InatModel:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         # A tampered or mismatched file (a shortened class list, missing tensors) fails here.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InatError(f"The checkpoint's weights do not fit the {cfg.model.name} model its config describes with "
-                        f"{len(state['classes'])} classes ({first[:160]}); it is not a complete inat checkpoint.") from err
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
+        raise InatError(f"the weights do not fit the {cfg.model.name} model its config describes with "
+                        f"{len(state['classes'])} classes ({detail[:160].rstrip('.')}); it is not a complete inat checkpoint.") from err
     model.eval()
     return model
