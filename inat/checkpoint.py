@@ -29,6 +29,20 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
         torch.save({"format": FORMAT, **state}, tmp)
 
 
+def save_epoch_checkpoints(state: Dict[str, Any], ckpt_dir: Path, improved: bool) -> None:
+    """Save an epoch's ``best.pt`` (when it improved) *before* ``last.pt``.
+
+    Resume starts from ``last.pt``; if a kill came between the two writes with ``last.pt``
+    first, the resumed run would have moved past the best epoch without ever saving it.
+    In this order a kill leaves either both or the previous ``last.pt``, which resumes the
+    epoch and writes ``best.pt`` again.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if improved:
+        save_checkpoint(state, ckpt_dir / "best.pt")
+    save_checkpoint(state, ckpt_dir / "last.pt")
+
+
 def _safe_globals() -> list:
     """Non-tensor types our own checkpoints may hold: numpy scalars from metrics (data, never code)."""
     import numpy as np

@@ -186,7 +186,10 @@ def check_command(args: List[str]) -> Optional[str]:
         return composition_message(err, overrides)
     finally:
         GlobalHydra.instance().clear()
-    errors = config_errors(cfg)
+    try:
+        errors = config_errors(cfg)
+    except Exception:  # noqa: BLE001 - e.g. a ${hydra:...} value only Hydra's run can resolve: the run validates
+        return None
     if multirun:
         from inat.sweep.space import sweep_errors
 

@@ -280,6 +280,11 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "export.format": ("onnx", "torchscript"),
     "export.onnx_exporter": ("legacy", "dynamo"),
 }
+# What to do instead, for keys whose range alone would puzzle.
+HINTS: Dict[str, str] = {
+    "train.devices": " (more devices: start the run with torchrun --nproc_per_node N run.py ...; each process "
+                     "uses one device).",
+}
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+),\s*(\S+)\s*([\])])$")
 
 
@@ -325,7 +330,7 @@ def config_errors(cfg: Any) -> List[str]:
     for key, interval in RANGES.items():
         msg = range_error(key, _select(cfg, key), interval)
         if msg:
-            errors.append(msg)
+            errors.append(msg[:-1] + HINTS[key] if key in HINTS else msg)
     for key, valid in CHOICES.items():
         value = _select(cfg, key)
         if value is not None:

@@ -82,7 +82,7 @@ RANGE_CASES = [
     ("finetune.cache_views=-1", ">= 0"), ("optim.momentum=1", "< 1"), ("optim.weight_decay=-0.1", ">= 0"),
     ("optim.warmup_epochs=-1", ">= 0"), ("optim.grad_clip=-1", ">= 0"), ("train.max_minutes=-1", ">= 0"),
     ("train.threads=-1", ">= 0"), ("train.early_stopping=-1", ">= 0"), ("train.log_every=-1", ">= 0"),
-    ("train.devices=2", "must be 1"), ("train.devices=0", "must be 1"), ("explain.n_neurons=0", ">= 1"),
+    ("train.devices=2", "torchrun --nproc_per_node"), ("train.devices=0", "must be 1"), ("explain.n_neurons=0", ">= 1"),
     ("explain.batch_size=0", ">= 1"), ("explain.seed=-1", ">= 0"), ("predict.top_k=0", ">= 1"),
     ("predict.batch_size=0", ">= 1"), ("export.verify_images=0", ">= 1"), ("export.tolerance=0", "> 0"),
     ("detect.conf=1.5", "<= 1"), ("detect.iou=-0.1", ">= 0"), ("detect.size=0", ">= 32"),

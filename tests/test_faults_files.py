@@ -690,3 +690,53 @@ def test_bad_transfer_is_one_sentence_and_keeps_no_partial_file(capsys, server, 
     fails_cleanly(capsys, lambda: download_file(url, tmp_path / "d.zip", sha256=sha, progress=False, retries=0,
                                                 backoff=0.0), needle)
     assert not (tmp_path / "d.zip").exists() and not (tmp_path / "d.zip.part").exists()
+
+
+# --------------------------------------------------------------------------- checkpoint order, detect, interrupts (causes 3, signals)
+
+def test_best_is_saved_before_last_so_a_kill_between_keeps_the_best(tmp_path, monkeypatch):
+    from inat.checkpoint import save_epoch_checkpoints
+
+    written = []
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "last.pt":  # a kill -9 right here: last.pt is never written
+            raise KeyboardInterrupt
+        written.append(Path(dst).name)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_epoch_checkpoints({"config": {}, "classes": ["a"], "model": {}}, tmp_path, improved=True)
+    assert written == ["best.pt"] and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
+def test_detect_skips_an_unreadable_image_like_predict(tmp_path, capsys):
+    from inat.detect.app import iter_frames
+
+    good, bad = tmp_path / "a.png", tmp_path / "b.jpg"
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(good)
+    bad.write_bytes(b"not an image")
+    skipped: list = []
+    frames = list(iter_frames("images", tmp_path, [bad, good], skipped))
+    assert [f.source for f in frames] == [str(good)] and [s for s, _ in skipped] == [str(bad)]
+    assert f"warning: skipped '{bad}'" in capsys.readouterr().err
+
+
+def _interrupted(cfg, out_dir):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_is_one_sentence(capsys, monkeypatch, tmp_path):
+    import inat
+    from inat.config import Config
+
+    monkeypatch.setitem(inat.MODES, "train", "test_faults_files:_interrupted")
+    monkeypatch.setattr(inat, "output_dir", lambda: tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        inat.run(OmegaConf.structured(Config))
+    assert exc.value.code == 2
+    from test_faults import assert_one_error
+    assert_one_error(capsys.readouterr().err, "Interrupted.")
