@@ -155,6 +155,23 @@ def composition_message(err: Exception, overrides: List[str]) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
+def output_folder_error(key: str, folder: str) -> Optional[str]:
+    """Why Hydra could not create or write the output folder ``folder`` (set by ``key``), or None.
+
+    Hydra creates the folder and writes ``.hydra/`` before any inat code runs, so a folder
+    below a file or in a read-only place would end in Hydra's traceback; checked here first.
+    """
+    path = Path(folder).absolute()
+    if path.exists() and not path.is_dir():
+        return f"{key}='{folder}' is a file; choose a folder for the run's outputs."
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{key}='{folder}' lies inside '{existing}', which is a file; choose another folder."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{key}='{folder}' cannot be written ('{existing}' is read-only for this user); choose another folder."
+    return None
+
+
 def check_command(args: List[str]) -> Optional[str]:
     """Compose the command as Hydra will and return the first error sentence, or None.
 
@@ -181,15 +198,19 @@ def check_command(args: List[str]) -> Optional[str]:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="run"):
-            cfg = compose("config", overrides=plain, return_hydra_config=multirun)
+            cfg = compose("config", overrides=plain, return_hydra_config=True)
     except Exception as err:  # noqa: BLE001 - composition errors come in many types
         return composition_message(err, overrides)
     finally:
         GlobalHydra.instance().clear()
     try:
         errors = config_errors(cfg)
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        folder_error = output_folder_error(key, str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
     except Exception:  # noqa: BLE001 - e.g. a ${hydra:...} value only Hydra's run can resolve: the run validates
         return None
+    if folder_error:
+        errors.append(folder_error)
     if multirun:
         from inat.sweep.space import sweep_errors
 

@@ -9,6 +9,7 @@ is ``test_faults_files.py``.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -166,6 +167,21 @@ TYPE_CASES = [
 @pytest.mark.parametrize("override,needle", TYPE_CASES, ids=[c[0] or "empty" for c in TYPE_CASES])
 def test_wrong_type_or_syntax_is_one_sentence(capsys, monkeypatch, override, needle):
     cli_fails(capsys, monkeypatch, [override], needle)
+
+
+@pytest.mark.parametrize("case", ["run_dir_is_a_file", "run_dir_below_a_file", "run_dir_read_only", "sweep_dir_below_a_file"])
+def test_output_folder_hydra_cannot_write(capsys, monkeypatch, tmp_path, case):
+    (tmp_path / "f").write_text("a file")
+    key = "hydra.sweep.dir" if case.startswith("sweep") else "hydra.run.dir"
+    folder = {"run_dir_is_a_file": tmp_path / "f", "run_dir_below_a_file": tmp_path / "f" / "run",
+              "run_dir_read_only": tmp_path / "ro" / "run", "sweep_dir_below_a_file": tmp_path / "f" / "sweep"}[case]
+    needle = {"run_dir_is_a_file": "is a file;", "run_dir_read_only": "read-only"}.get(case, "which is a file")
+    if case == "run_dir_read_only":
+        (tmp_path / "ro").mkdir()
+        real = os.access  # root may write anywhere: answer as the kernel would for a read-only mount
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))
+    args = (["-m", "hydra/sweeper=optuna"] if key == "hydra.sweep.dir" else []) + [f"{key}={folder}"]
+    cli_fails(capsys, monkeypatch, args, key, needle)
 
 
 @pytest.mark.parametrize("args", [["model=scratch", "act=mish", "filters=doubling"], ["-m", "hydra/sweeper=optuna"],
