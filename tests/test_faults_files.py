@@ -143,6 +143,7 @@ TAMPERED = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hand-pickled payload, refused anyway
 @pytest.mark.parametrize("kind", list(TAMPERED))
 def test_tampered_checkpoint_is_one_sentence_and_runs_nothing(capsys, ckpt, tmp_path, kind):
     from inat.models import model_from_checkpoint
@@ -740,3 +741,23 @@ def test_ctrl_c_is_one_sentence(capsys, monkeypatch, tmp_path):
     assert exc.value.code == 2
     from test_faults import assert_one_error
     assert_one_error(capsys.readouterr().err, "Interrupted.")
+
+
+@pytest.mark.parametrize("case", ["no_test_folder", "unknown_test_class"])
+def test_train_mode_checks_the_test_folder_before_training(capsys, data, tmp_path, monkeypatch, case):
+    """``jobs.train_mode`` refuses before ``fit`` is called (fit is replaced by a tripwire here)."""
+    import inat.train
+    from inat.config import Config
+    from inat.jobs import train_mode
+
+    root = copy_data(data, tmp_path)
+    if case == "no_test_folder":
+        shutil.rmtree(root / "val")
+    else:
+        (root / "val" / "class_7").mkdir()
+    monkeypatch.setattr(inat.train, "fit", lambda *a, **k: pytest.fail("training started"))
+    cfg = OmegaConf.structured(Config)
+    cfg.data.root = str(root)
+    fails_cleanly(capsys, lambda: train_mode(cfg, tmp_path / "run"), "no test folder" if case == "no_test_folder"
+                  else "class_7")
+    assert not (tmp_path / "run").exists()
