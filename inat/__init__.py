@@ -48,6 +48,9 @@ def run(cfg) -> Optional[float]:
         _fail(f"Unknown mode '{name}': valid modes are {', '.join(sorted(MODES))}.")
     module, func = MODES[name].split(":")
     try:
+        from inat.config import validate_config
+
+        validate_config(cfg)  # run.py checked the command already; sweep trials' values are checked here
         fn = getattr(importlib.import_module(module), func)
         return fn(cfg, output_dir())
     except InatError as err:

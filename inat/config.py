@@ -6,8 +6,10 @@ groups under ``conf/`` only set values. Each mode's options live in their own se
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -235,6 +237,138 @@ class Config:
     seed: int = 0
     ckpt: Optional[str] = None
     resume: bool = False
+
+
+# The valid range of every numeric key, in interval notation ("[1, inf)": at least 1).
+# Checked after composition (the schema has checked the types by then), so a bad number
+# fails at start-up naming the key and the range instead of deep inside torch or numpy.
+RANGES: Dict[str, str] = {
+    "data.image_size": "[8, 4096]", "data.val_fraction": "(0, 1)", "data.split_seed": "[0, 4294967295]",
+    "data.workers": "[0, inf)",
+    "model.dense_units": "[1, inf)", "model.dropout": "[0, 1)", "model.input_size": "[8, 4096]",
+    "model.drop_path": "[0, 1)",
+    "act.negative_slope": "[0, 1]", "act.alpha": "(0, inf)",
+    "filters.base": "[1, 4096]",
+    "aug.shift": "[0, 256]", "aug.crop_scale": "(0, 1]", "aug.color": "[0, 1]", "aug.mixup": "[0, inf)",
+    "aug.cutmix": "[0, inf)", "aug.erasing": "[0, 1]",
+    "finetune.k": "[0, inf)", "finetune.every": "[1, inf)", "finetune.lr_decay": "(0, 1]",
+    "finetune.cache_views": "[0, inf)",
+    "optim.weight_decay": "[0, inf)", "optim.momentum": "[0, 1)", "optim.warmup_epochs": "[0, inf)",
+    "optim.label_smoothing": "[0, 1)", "optim.grad_clip": "[0, inf)",
+    "train.epochs": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)", "train.devices": "[1, 1]",
+    "train.ema": "[0, 1)", "train.early_stopping": "[0, inf)", "train.max_minutes": "[0, inf)",
+    "train.threads": "[0, inf)", "train.eval_batch_size": "[1, inf)", "train.log_every": "[0, inf)",
+    "explain.seed": "[0, inf)", "explain.per_class": "[1, inf)", "explain.n_neurons": "[1, inf)",
+    "explain.batch_size": "[1, inf)",
+    "sweep.prune_warmup_epochs": "[0, inf)", "sweep.prune_min_trials": "[0, inf)", "sweep.budget_minutes": "[0, inf)",
+    "predict.top_k": "[1, inf)", "predict.batch_size": "[1, inf)", "predict.workers": "[0, inf)",
+    "export.verify_images": "[1, inf)", "export.opset": "[7, 23]", "export.tolerance": "(0, inf)",
+    "detect.conf": "[0, 1]", "detect.iou": "[0, 1]", "detect.size": "[32, 4096]", "detect.loiter_frames": "[1, inf)",
+    "seed": "[0, inf)",
+}
+
+# Keys whose value is one name out of a fixed set (list keys: every item). Group choices
+# (act=mish, +mode=test) are checked by Hydra; cli.py turns its refusal into a sentence.
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "model.dropout_where": ("dense", "conv", "both"),
+    "model.dense_act": ("relu", "gelu", "silu", "mish", "elu", "leaky_relu", "selu", "tanh", "sigmoid", "hardswish"),
+    "act.name": ("relu", "gelu", "silu", "mish", "elu", "leaky_relu", "selu", "tanh", "sigmoid", "hardswish"),
+    "filters.organisation": ("same", "doubling", "halving", "custom"),
+    "finetune.strategy": ("none", "linear_probe", "partial", "gradual", "full"),
+    "finetune.bn": ("freeze_frozen", "train_all", "freeze_all"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "optim.schedule": ("onecycle", "cosine", "constant"),
+    "train.precision": ("32", "fp32", "bf16", "bfloat16", "16", "fp16"),
+    "wandb.mode": ("online", "offline", "disabled"),
+    "explain.what": ("grid", "filters", "guided_backprop", "confusion"),
+    "explain.pick": ("random", "confident", "mistakes"),
+    "export.format": ("onnx", "torchscript"),
+    "export.onnx_exporter": ("legacy", "dynamo"),
+}
+# What to do instead, for keys whose range alone would puzzle.
+HINTS: Dict[str, str] = {
+    "train.devices": " (more devices: start the run with torchrun --nproc_per_node N run.py ...; each process "
+                     "uses one device).",
+}
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+),\s*(\S+)\s*([\])])$")
+
+
+def _select(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            return None
+    return node
+
+
+def range_error(key: str, value: Any, interval: str) -> Optional[str]:
+    """The sentence for ``value`` outside ``interval`` (e.g. ``"[1, inf)"``), or None when it is inside."""
+    lo_bracket, lo, hi, hi_bracket = _INTERVAL.match(interval).groups()
+    lo_v, hi_v = float(lo), float(hi)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # the schema checks types; a non-number here is a free-form key (Any)
+    ok = math.isfinite(value) and \
+        (value > lo_v if lo_bracket == "(" else value >= lo_v) and (value < hi_v if hi_bracket == ")" else value <= hi_v)
+    if ok:
+        return None
+    if lo_v == hi_v:
+        return f"{key} must be {lo}, got {value}."
+    parts = [f"{'>' if lo_bracket == '(' else '>='} {lo}"]
+    if hi != "inf":
+        parts.append(f"{'<' if hi_bracket == ')' else '<='} {hi}")
+    return f"{key} must be {' and '.join(parts)}, got {value}."
+
+
+def choice_error(key: str, value: Any, valid: Tuple[str, ...]) -> Optional[str]:
+    """The sentence for a name not among ``valid`` (every item of a list value), or None."""
+    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else [value]
+    bad = [str(v) for v in items if str(v) not in valid]
+    if not bad:
+        return None
+    return f"{key}={bad[0]} is not a valid choice: valid are {', '.join(valid)}."
+
+
+def config_errors(cfg: Any) -> List[str]:
+    """Every range, choice and cross-key problem of a composed config, one sentence each."""
+    errors: List[str] = []
+    for key, interval in RANGES.items():
+        msg = range_error(key, _select(cfg, key), interval)
+        if msg:
+            errors.append(msg[:-1] + HINTS[key] if key in HINTS else msg)
+    for key, valid in CHOICES.items():
+        value = _select(cfg, key)
+        if value is not None:
+            msg = choice_error(key, value, valid)
+            if msg:
+                errors.append(msg)
+    sha = _select(cfg, "data.sha256")
+    if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha)):
+        errors.append(f"data.sha256 must be 64 hexadecimal characters (the output of sha256sum), got '{sha}'.")
+    if _select(cfg, "explain.what") is not None and len(_select(cfg, "explain.what")) == 0:
+        errors.append("explain.what is empty: list one or more of grid, filters, guided_backprop, confusion.")
+    kernel = _select(cfg, "model.kernel_size")
+    kernels = list(kernel) if kernel is not None and not isinstance(kernel, (int, str)) else [kernel]
+    if kernel is not None and (not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernels)
+                               or len(kernels) not in (1, 5)):
+        errors.append(f"model.kernel_size must be a positive integer or a list of 5 positive integers, got {kernel}.")
+    custom = _select(cfg, "filters.custom")
+    if _select(cfg, "filters.organisation") == "custom" and (custom is None or len(custom) != 5 or min(custom) < 1):
+        errors.append(f"filters.custom must be a list of 5 positive integers when filters=custom, got {custom}.")
+    size = _select(cfg, "detect.size")
+    if isinstance(size, int) and size % 32:
+        errors.append(f"detect.size must be a multiple of 32 (the detector's stride), got {size}.")
+    return errors
+
+
+def validate_config(cfg: Any) -> None:
+    """Raise InatError with the first problem ``config_errors`` finds (composition time)."""
+    from inat.errors import InatError
+
+    errors = config_errors(cfg)
+    if errors:
+        more = f" ({len(errors) - 1} more problem(s) after this one)" if len(errors) > 1 else ""
+        raise InatError(errors[0][:-1] + more + ".")
 
 
 def register_configs() -> None:

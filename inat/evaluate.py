@@ -14,24 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from inat.checkpoint import load_checkpoint
-from inat.data.cache import load_or_build
-from inat.data.folder import scan_test, test_access
-from inat.errors import InatError
+from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check_leakage re-exported
 from inat.models import model_from_state
 from inat.runs import write_json
 from inat.inference import batched_logits, pick_device, process_precision
-
-
-def check_leakage(test_sha1: list, test_paths: list, state: Dict[str, Any], root: Path) -> None:
-    """Refuse when a test image's bytes equal a training or validation image's bytes."""
-    seen = set(state.get("split_sha1", {}).get("train", [])) | set(state.get("split_sha1", {}).get("val", []))
-    if not seen:
-        raise InatError("The checkpoint has no split hashes, so test leakage cannot be checked; retrain with this inat.")
-    leaks = [p for p, h in zip(test_paths, test_sha1) if h in seen]
-    if leaks:
-        first = Path(leaks[0]).relative_to(root) if Path(leaks[0]).is_relative_to(root) else leaks[0]
-        raise InatError(f"{len(leaks)} test image(s) are byte-identical to images the run trained or validated on "
-                        f"(first: {first}); the test score would be inflated, so it was not computed.")
 
 
 def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[str] = None,
@@ -49,14 +35,8 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
     device = pick_device()
     model.to(device).eval()
     spec = model.spec
-    with test_access("test mode"):
-        folder = scan_test(root, classes)
-        if len(folder) == 0:
-            raise InatError(f"The test folder of '{root}' has no images.")
-        cache = load_or_build(folder.paths, spec.input_size, interpolation=spec.interpolation,
-                              crop_pct=float(spec.crop_pct), directory=cfg.data.cache_dir,
-                              label="test/", progress=progress)
-    check_leakage(cache.sha1, list(folder.paths), state, root)
+    folder, cache = read_test_set(state, root, int(spec.input_size), purpose="test mode", interpolation=spec.interpolation,
+                                  crop_pct=float(spec.crop_pct), cache_dir=cfg.data.cache_dir, progress=progress)
     policy = process_precision(precision, device)
     logits = batched_logits(model, cache.images, spec.mean, spec.std, policy, batch_size=batch_size,
                             tta_flip=bool(cfg.aug.tta_flip), device=device,

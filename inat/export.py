@@ -28,7 +28,7 @@ from inat.data.images import decode_image, to_float
 from inat.inference import Precision, batched_logits
 from inat.errors import InatError
 from inat.models import ModelSpec, model_from_checkpoint
-from inat.runs import temp_path, write_json
+from inat.runs import atomic_path, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 ONNX_EXPORTERS = ("legacy", "dynamo")
@@ -179,10 +179,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
                                channels_last=False).numpy()
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / FORMATS[fmt]
-    tmp = temp_path(final)
-    try:
+    # atomic_path: a read-only or full output folder is one sentence, and no torn file stays.
+    with atomic_path(final) as tmp:
         with torch.no_grad():
             if fmt == "onnx":
                 used_opset = export_onnx(model, example, tmp, opset, onnx_exporter, metadata)
@@ -196,9 +195,6 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
         if not diff <= tolerance:  # `not <=` also catches NaN
             raise InatError(f"The {fmt} export of '{ckpt}' differs from PyTorch by {diff:.3g} (max absolute logit) "
                             f"on {len(x)} images, above the {tolerance:g} tolerance; nothing was written.")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     result = {"format": fmt, "path": str(final.resolve()), "max_abs_diff": diff, "opset": used_opset,
               "n_images": int(len(x)), "images": source, "tolerance": tolerance,
               "exporter": onnx_exporter if fmt == "onnx" else "torch.jit.trace",

@@ -16,6 +16,14 @@ def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
     """
     from inat.training import fit
 
+    rank, _ = world()
+    will_test = bool(cfg.train.then_test) and not in_multirun()
+    if will_test and rank == 0 and (Path(cfg.data.root) / "train").is_dir():
+        # Folder names only, before the whole training: a missing test folder or a test class
+        # train/ lacks used to surface after summary.json was written.
+        from inat.data.folder import check_test_folder, scan_train
+
+        check_test_folder(Path(cfg.data.root), scan_train(Path(cfg.data.root)).classes)
     callback = None
     if in_multirun() and cfg.sweep.prune:
         from inat.sweep.prune import should_stop
@@ -24,11 +32,10 @@ def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
             return should_stop(cfg, Path(out_dir), record)
 
     summary = fit(cfg, out_dir, epoch_callback=callback)
-    rank, _ = world()
     if rank == 0:
         print(f"best val accuracy {summary['best_val_accuracy']:.1%} at epoch {summary['best_epoch']} "
               f"({summary['stop_reason']}); {summary['train_images_per_sec']:.0f} img/s; run folder {out_dir}")
-        if cfg.train.then_test and not in_multirun():
+        if will_test:
             from inat.evaluate import print_test, test_checkpoint
 
             result = test_checkpoint(Path(out_dir) / "checkpoints" / "best.pt", Path(out_dir) / "test",

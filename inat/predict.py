@@ -25,7 +25,7 @@ from inat.data.folder import IMAGE_EXTENSIONS
 from inat.data.images import decode_image
 from inat.errors import InatError
 from inat.models import ModelSpec, model_from_checkpoint
-from inat.runs import temp_path
+from inat.runs import atomic_open
 from inat.inference import batched_logits, pick_device, process_precision
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -138,14 +138,12 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     policy = process_precision(precision, device, announce=False)
     workers = workers or min(8, os.cpu_count() or 1)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / PREDICTIONS_FILE
-    tmp = temp_path(final)
+    final = Path(out_dir) / PREDICTIONS_FILE
     result = PredictResult()
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=len(paths) <= batch_size, mininterval=1.0)
     try:
-        with open(tmp, "w") as fh:
+        # atomic_open: a read-only or full output folder is one sentence, and no torn file stays.
+        with atomic_open(final, "w") as fh:
             for good, images, bad in iter_decoded(paths, spec, batch_size, workers):
                 for path, reason in bad:
                     result.skipped.append((str(path), reason))
@@ -162,14 +160,12 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                             shown = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in record["top_k"])
                             bar.write(f"{path}: {shown}")
                 bar.update(len(good) + len(bad))
-        bar.close()
-        if not result.records:
-            raise InatError(f"None of the {len(paths)} input file(s) could be decoded, so nothing was scored "
-                            f"(first: '{result.skipped[0][0]}').")
-        os.replace(tmp, final)
+            bar.close()
+            if not result.records:
+                raise InatError(f"None of the {len(paths)} input file(s) could be decoded, so nothing was scored "
+                                f"(first: '{result.skipped[0][0]}').")
     finally:
         bar.close()
-        tmp.unlink(missing_ok=True)
     result.path = final
     return result
 

@@ -1,12 +1,19 @@
-"""Run folders: atomic JSON writes, the metrics CSV, and distributed-rank facts."""
+"""Run folders: atomic writes, the metrics CSV, the run-folder lock, and distributed-rank facts."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import fcntl
 import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import IO, Any, Dict, Iterator, List
+
+from inat.errors import InatError
+
+LOCK_NAME = ".inat.lock"
 
 
 def temp_path(path: Path) -> Path:
@@ -19,25 +26,107 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def os_error_sentence(err: OSError, path: Path, what: str = "write") -> str:
+    """One sentence for a filesystem error on ``path``: what failed, why, and what to do."""
+    hints = {errno.ENOSPC: "free some space or choose another folder",
+             errno.EFBIG: "the file is larger than this filesystem or process allows",
+             errno.EROFS: "the filesystem is read-only; choose another folder",
+             errno.EACCES: "check the folder's permissions or choose another folder",
+             errno.EPERM: "check the folder's permissions or choose another folder",
+             errno.EISDIR: "it is a directory; name a file instead",
+             errno.ENOTDIR: "a part of the path is a file, not a folder",
+             errno.EEXIST: "a file is in the way of a folder of that name"}
+    hint = hints.get(err.errno, "check the path")
+    return f"Could not {what} '{path}': {err.strerror or err} ({hint})."
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    On any error (ENOSPC half way through a checkpoint, a read-only folder, Ctrl-C) the
+    temp file is removed, so a run folder never holds a torn file; filesystem errors
+    become one InatError sentence naming ``path``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InatError(f"Could not write '{path}': it is a directory; name a file instead.")
+    tmp = temp_path(path)
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
+        except OSError as err:
+            raise InatError(os_error_sentence(err, path)) from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """``open`` for writing through ``atomic_path``: readers never see half a file."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as fh:
+        fh.write(json.dumps(data, indent=1, default=str))
 
 
 def write_metrics(path: Path, rows: List[Dict[str, Any]]) -> None:
     """Rewrite ``metrics.csv`` from the full history (small; keeps resume exact)."""
     if not rows:
         return
-    tmp = temp_path(Path(path))
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def acquire_run_lock(run_dir: Path) -> Iterator[Path]:
+    """Hold ``run_dir/.inat.lock`` (which names our pid) for the block; refuse a second live writer.
+
+    The lock is an ``flock`` on the file, so it dies with its process: a run killed with
+    ``kill -9`` leaves no stale lock, and its resume takes the folder back. The pid inside
+    is only for the message. The file is removed on release; a writer that opened the old
+    file before the removal sees a different inode and tries again.
+    """
+    run_dir = Path(run_dir)
+    lock_path = run_dir / LOCK_NAME
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise InatError(f"Run folder '{run_dir}' is in use by another inat process (pid {holder}, lock file "
+                                f"{lock_path}); wait for it to finish or choose another hydra.run.dir.") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file we opened: lock the new one
+    except OSError as err:
+        raise InatError(os_error_sentence(err, lock_path, "lock")) from err
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        os.close(fd)  # closing releases the flock
 
 
 def world() -> tuple[int, int]:

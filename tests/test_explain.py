@@ -1,6 +1,7 @@
 """Explain mode on a tiny generated dataset and a tiny scratch checkpoint built here."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -47,8 +48,11 @@ def make_checkpoint(path: Path, data_root: Path, classes=CLASSES, act: str = "re
         cfg = OmegaConf.merge(cfg, extra_config)
     torch.manual_seed(0)
     model = build_from_config(cfg, len(classes))
+    # A real run stores the sha1 of every train/val image; explain's leak guard needs them.
+    train = sorted(p for p in (Path(data_root) / "train").rglob("*") if p.is_file())
+    hashes = [hashlib.sha1(p.read_bytes()).hexdigest() for p in train]
     save_checkpoint({"config": OmegaConf.to_container(cfg, resolve=True), "classes": list(classes),
-                     "model": model.state_dict()}, path)
+                     "model": model.state_dict(), "split_sha1": {"train": hashes, "val": []}}, path)
     return path
 
 

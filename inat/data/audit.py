@@ -106,8 +106,13 @@ def inspect_file(path: str) -> Dict[str, Any]:
 
     out: Dict[str, Any] = {"status": "ok", "error": None, "format": None, "mode": None,
                            "width": None, "height": None, "phash": None, "gray": False}
-    with open(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:  # permission denied, a broken symlink, an I/O error: listed, not fatal
+        reason = "a broken symbolic link" if os.path.islink(path) and not os.path.exists(path) else err.strerror
+        out.update(status="unreadable", error=f"cannot be read: {reason or err}", bytes=0, sha256=None)
+        return out
     out["bytes"] = len(data)
     out["sha256"] = hashlib.sha256(data).hexdigest()
     if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -147,7 +152,9 @@ def _list_split(folder: Path) -> Tuple[List[Tuple[str, Path]], List[str], List[P
     files: List[Tuple[str, Path]] = []
     for name in classes:
         for path in sorted((folder / name).rglob("*")):
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            # A broken symlink is listed too: the inspection reports it instead of skipping it silently.
+            if (path.is_file() or path.is_symlink() and not path.exists()) and \
+                    not any(part.startswith(".") for part in path.relative_to(folder).parts):
                 files.append((name, path))
     return files, classes, stray
 

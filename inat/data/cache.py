@@ -51,18 +51,32 @@ def _decode_one(args: Tuple[str, int, str, float]) -> Tuple[np.ndarray, str]:
     from inat.data.images import decode_image
 
     path, size, interpolation, crop_pct = args
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:  # permission denied, vanished, I/O error: the user needs the file's name
+        raise InatError(f"Image '{path}' could not be read ({err.strerror or err}); fix or remove it "
+                        f"(+mode=audit lists every bad file).") from err
     return decode_image(io.BytesIO(data), size, interpolation, crop_pct, name=path), hashlib.sha1(data).hexdigest()
 
 
 def load_or_build(paths: Sequence[Path], size: int, *, interpolation: str = "bilinear", crop_pct: float = 1.0,
                   directory: str = "", workers: int = 0, label: str = "images", progress: bool = True) -> ImageCache:
     """Return the cache for ``paths`` at ``size``, building it (in parallel) if needed."""
+    from inat.runs import os_error_sentence
+
     folder = cache_dir(directory)
-    folder.mkdir(parents=True, exist_ok=True)
     key = cache_key(paths, size, interpolation, crop_pct)
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
-    with open(folder / f"{key}.lock", "w") as lock:
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise InatError(f"The decode cache folder '{folder}' is a file; set data.cache_dir to a folder "
+                            f"(or unset it to use $INAT_CACHE or ~/.cache/inat).")
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{key}.lock", "w")
+    except OSError as err:
+        raise InatError(os_error_sentence(err, folder, "use the decode cache folder")[:-1] +
+                        "; set data.cache_dir to a writable folder.") from err
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the finished cache
         if not (npy.exists() and meta.exists()):
             _build(paths, size, interpolation, crop_pct, npy, meta, workers, label, progress)
@@ -75,33 +89,45 @@ def load_or_build(paths: Sequence[Path], size: int, *, interpolation: str = "bil
 
 def _build(paths: Sequence[Path], size: int, interpolation: str, crop_pct: float, npy: Path, meta: Path,
            workers: int, label: str, progress: bool) -> None:
+    """Decode every file into a temp ``.npy`` with ordinary writes, then rename it into place.
+
+    Ordinary ``write`` calls, not a memory map: on a full disk a write through a sparse
+    mapping kills the process with SIGBUS, while ``write`` raises ENOSPC, which becomes one
+    sentence; the temp files are removed on every error.
+    """
     from tqdm import tqdm
 
-    tmp = npy.with_name(f"{npy.stem}.{os.getpid()}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    from inat.runs import atomic_open
+
     hashes: List[str] = [""] * len(paths)
     jobs = [(str(p), size, interpolation, crop_pct) for p in paths]
     n_workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc=f"decode {label} @{size}px (once)", unit="img", disable=not progress,
                mininterval=1.0)
     try:
-        if n_workers == 1 or len(jobs) < 64:
-            results = map(_decode_one, jobs)
-            for i, (img, digest) in enumerate(results):
-                out[i], hashes[i] = img, digest
-                bar.update()
-        else:
-            with ProcessPoolExecutor(n_workers) as pool:
-                for i, (img, digest) in enumerate(pool.map(_decode_one, jobs, chunksize=32)):
-                    out[i], hashes[i] = img, digest
+        with atomic_open(npy, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                       "fortran_order": False, "shape": (len(paths), size, size, 3)})
+            if n_workers == 1 or len(jobs) < 64:
+                results = map(_decode_one, jobs)
+                pool = None
+            else:
+                pool = ProcessPoolExecutor(n_workers)
+                results = pool.map(_decode_one, jobs, chunksize=32)
+            try:
+                for i, (img, digest) in enumerate(results):  # in order: row i of the file is image i
+                    out.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
+                    hashes[i] = digest
                     bar.update()
-        out.flush()
-        del out
-        os.replace(tmp, npy)
-        meta_tmp = meta.with_suffix(f".{os.getpid()}.tmp")
-        meta_tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "n": len(paths),
-                                        "paths": [str(p) for p in paths], "sha1": hashes}))
-        os.replace(meta_tmp, meta)  # written last: its presence marks a complete cache
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+        with atomic_open(meta, "w") as fh:  # written last: its presence marks a complete cache
+            fh.write(json.dumps({"version": CACHE_VERSION, "size": size, "n": len(paths),
+                                 "paths": [str(p) for p in paths], "sha1": hashes}))
+    except BaseException:
+        if not meta.exists():
+            npy.unlink(missing_ok=True)  # an array without its meta file must not stay behind
+        raise
     finally:
         bar.close()
-        tmp.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 from inat.errors import InatError
 
@@ -149,6 +149,9 @@ def download_file(
     given; on a mismatch the ``.part`` is deleted and InatError raised. The final rename is
     atomic, so ``dest`` existing means a complete download: it is then only re-verified.
     """
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha256)):
+        # Checked before any request: a typo would otherwise cost the whole download.
+        raise InatError(f"data.sha256 must be 64 hexadecimal characters (the output of sha256sum), got '{sha256}'.")
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     if dest.exists():
@@ -188,6 +191,26 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> Optional[str]:
     return None
 
 
+def _check_member_tree(zip_path: Path, members: List[zipfile.ZipInfo]) -> None:
+    """Refuse an archive in which a member's path runs through another member that is a file.
+
+    ``a`` (a file) and ``a/b`` cannot both be extracted; found here, before anything is
+    written, it is one sentence instead of ``NotADirectoryError`` half way through.
+    """
+    def parts(info: zipfile.ZipInfo) -> Tuple[str, ...]:
+        return tuple(p for p in PurePosixPath(info.filename.replace("\\", "/")).parts if p not in ("", "."))
+
+    files = {parts(i): i.filename for i in members if not i.is_dir()}
+    for info in members:
+        path = parts(info)
+        for depth in range(1, len(path)):
+            if path[:depth] in files:
+                raise InatError(f"Archive '{zip_path}' was refused: member '{info.filename}' lies inside "
+                                f"'{files[path[:depth]]}', which is a file in the same archive.")
+        if info.is_dir() and path in files:
+            raise InatError(f"Archive '{zip_path}' was refused: '{info.filename}' is both a file and a folder in it.")
+
+
 def safe_extract(zip_path: Path, dest_dir: Path) -> Path:
     """Extract ``zip_path`` into ``dest_dir`` (which must not exist) safely; return ``dest_dir``.
 
@@ -210,6 +233,7 @@ def safe_extract(zip_path: Path, dest_dir: Path) -> Path:
                     reason = _unsafe_reason(info)
                     if reason:
                         raise InatError(f"Archive '{zip_path}' was refused: member '{info.filename}' has {reason}.")
+                _check_member_tree(zip_path, members)
                 for info in members:
                     target = tmp.joinpath(*PurePosixPath(info.filename.replace("\\", "/")).parts)
                     if info.is_dir():

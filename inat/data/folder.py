@@ -72,7 +72,12 @@ def scan_folder(folder: Path, classes: Sequence[str] | None = None, *, allow_emp
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
-        files = sorted(p for p in class_dir.rglob("*") if _is_candidate(p))
+        entries = list(class_dir.rglob("*"))
+        broken = sorted(p for p in entries if p.is_symlink() and not p.exists() and not p.name.startswith("."))
+        if broken:  # skipping them would silently change the dataset
+            raise InatError(f"'{broken[0]}' is a broken symbolic link ({len(broken)} in {folder}); "
+                            f"remove it or point it at an image.")
+        files = sorted(p for p in entries if _is_candidate(p))
         bad = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if bad:
             raise InatError(
@@ -103,6 +108,24 @@ def scan_train(root: Path) -> FolderSplit:
     if not (root / "train").is_dir():
         raise InatError(f"Dataset root '{root}' has no 'train' folder.")
     return scan_folder(root / "train")
+
+
+def check_test_folder(root: Path, train_classes: Sequence[str]) -> Path:
+    """Before training: the test folder exists and its class folders are all train classes.
+
+    Only folder names are listed (no image is opened, so nothing of the test set reaches
+    training); a missing test folder or an unknown test class is refused now instead of after
+    the whole training. Returns the test folder.
+    """
+    test_dir = find_test_dir(root)
+    found = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise InatError(f"Test folder '{test_dir}' has no class subfolders (expected {test_dir}/<class>/<image>).")
+    unknown = [c for c in found if c not in train_classes]
+    if unknown:
+        raise InatError(f"Test folder '{test_dir}' has class folder(s) {', '.join(unknown)} that train/ does not have "
+                        f"(train classes: {', '.join(train_classes)}).")
+    return test_dir
 
 
 @contextlib.contextmanager

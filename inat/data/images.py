@@ -5,6 +5,7 @@ predict, explain), so a checkpoint's preprocessing is the same everywhere.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -35,11 +36,28 @@ def decode_image(path, size: int, interpolation: str = "bilinear", crop_pct: flo
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (target, target))  # keeps the decoded side >= target
-            return fit_image(img.convert("RGB"), size, interpolation, crop_pct)
+            return fit_image(to_rgb(img), size, interpolation, crop_pct)
     except InatError:
         raise
     except Exception as err:  # PIL raises many types for bad files; the user needs the path
-        raise InatError(f"Image '{name or path}' could not be decoded ({type(err).__name__}: {err}); run +mode=audit to list bad files.") from err
+        label = name or path
+        # PIL names a file object by its repr ("<_io.BytesIO object at 0x...>"): show the file instead.
+        reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>|<_io\.\w+ name=[^>]*>", f"'{label}'", str(err))
+        raise InatError(f"Image '{label}' could not be decoded ({type(err).__name__}: {reason}); run +mode=audit to list bad files.") from err
+
+
+def to_rgb(img):
+    """8-bit RGB of any PIL image; 16- and 32-bit grayscale are scaled, not clipped.
+
+    PIL's ``convert("RGB")`` clips mode ``I;16``/``I`` values above 255, so a 16-bit PNG would
+    decode as an all-white image; dividing by 257 maps 0..65535 onto 0..255 exactly.
+    """
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(img).astype(np.float64)  # (H, W); mode I is read as 16-bit too (PNG's own range)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def fit_image(img, size: int, interpolation: str = "bilinear", crop_pct: float = 1.0) -> np.ndarray:

@@ -10,15 +10,28 @@ from inat.errors import InatError
 from inat.runs import write_json
 
 
-def build_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def build_split(labels: Sequence[int], val_fraction: float, seed: int,
+                classes: Sequence[str] | None = None) -> Tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, val)``: each class gives round(n_c * val_fraction) images to val.
 
     Rounding per class keeps every class within one image of its exact share, and the
     permutation depends only on ``seed`` and the labels, so the split is reproducible.
+    Degenerate data is refused: a single class (every score would be 100%), or a class
+    whose only image would go to validation, leaving it nothing to train on.
+    ``classes`` (names by label) only makes the messages name the class.
     """
     if not 0.0 < val_fraction < 1.0:
         raise InatError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
     labels = np.asarray(labels)
+    present = np.unique(labels)
+
+    def name(c: int) -> str:
+        return f"'{classes[c]}'" if classes is not None and 0 <= c < len(classes) else f"number {c}"
+
+    if len(present) < 2:
+        only = name(int(present[0])) if len(present) else "none"
+        raise InatError(f"train/ has a single class ({only}); a classifier needs at least 2 class folders, "
+                        f"otherwise every accuracy is trivially 100%.")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):
@@ -27,6 +40,10 @@ def build_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[
         n_val = int(round(len(idx) * val_fraction))
         if len(idx) >= 2:
             n_val = min(max(n_val, 1), len(idx) - 1)  # both sides need at least one image per class
+        elif n_val >= 1:
+            raise InatError(f"Class {name(int(c))} has a single image in train/, and data.val_fraction={val_fraction} "
+                            f"would move it to validation, leaving no training image; add images or lower "
+                            f"data.val_fraction below 0.5.")
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -9,6 +9,7 @@ detected animal is cropped and named by an inat classifier.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -80,13 +81,25 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
-def iter_frames(kind: str, path: Path, files: List[Path]) -> Iterator[Frame]:
-    """Yield the frames of one source; a video that OpenCV cannot open or decode is refused."""
+def iter_frames(kind: str, path: Path, files: List[Path],
+                skipped: Optional[List[Tuple[str, str]]] = None) -> Iterator[Frame]:
+    """Yield the frames of one source; a video that OpenCV cannot open or decode is refused.
+
+    An unreadable image in a folder is skipped with a warning (and appended to ``skipped``),
+    as predict does, instead of stopping the whole watch at the first bad file.
+    """
     import cv2
 
     if kind != "video":
         for index, file in enumerate(files):
-            yield Frame(str(file), index, read_image(file), None, file.stem)
+            try:
+                image = read_image(file)
+            except InatError as err:
+                print(f"warning: skipped '{file}' (not a decodable image)", file=sys.stderr, flush=True)
+                if skipped is not None:
+                    skipped.append((str(file), str(err)))
+                continue
+            yield Frame(str(file), index, image, None, file.stem)
         return
     capture = cv2.VideoCapture(str(path))
     try:
@@ -206,12 +219,13 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
     alerts: List[Dict[str, Any]] = []
     frames_done, detect_seconds = 0, 0.0
     started = time.perf_counter()
+    skipped: List[Tuple[str, str]] = []
     with open(out_dir / "events.jsonl", "w") as log:
         for kind, path, files in sources:
             tracker = LoiterTracker(int(detect_cfg.loiter_frames))
             writer = None
             try:
-                for frame in iter_frames(kind, path, files):
+                for frame in iter_frames(kind, path, files, skipped):
                     image_rgb = cv2.cvtColor(frame.image_bgr, cv2.COLOR_BGR2RGB)
                     tick = time.perf_counter()
                     detections = detector.detect(image_rgb)
@@ -254,8 +268,12 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
                 if writer is not None:
                     writer.release()
     wall = time.perf_counter() - started
+    if frames_done == 0 and skipped:
+        (out_dir / "events.jsonl").unlink(missing_ok=True)  # nothing watched: no output that looks finished
+        raise InatError(f"None of the {len(skipped)} input image(s) could be decoded (first: '{skipped[0][0]}').")
     summary = {
         "frames": frames_done,
+        "skipped": [path for path, _ in skipped],
         "detections_per_class": dict(sorted(counts.items())),
         "loitering_alerts": [{k: a[k] for k in ("source", "frame", "class", "track")} for a in alerts],
         "detector_frames_per_second": round(frames_done / detect_seconds, 2) if detect_seconds else None,

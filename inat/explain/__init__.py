@@ -41,7 +41,10 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(ckpt)
     root = data_root or state["config"]["data"]["root"]
-    model = model_from_state(state)  # the checkpoint is read once
+    try:
+        model = model_from_state(state)  # the checkpoint is read once
+    except InatError as err:
+        raise InatError(f"Checkpoint '{ckpt}': {err}") from err
     spec, classes = model.spec, list(state["classes"])
 
     scores = None
@@ -50,7 +53,7 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
         from inat.explain.scoring import score_test_set
 
         tta = bool(state["config"].get("aug", {}).get("tta_flip", False))  # score as test mode does
-        scores = score_test_set(model, spec, classes, root, batch_size=batch_size, tta_flip=tta,
+        scores = score_test_set(model, spec, state, root, batch_size=batch_size, tta_flip=tta,
                                 cache_dir=state["config"]["data"].get("cache_dir", ""))
 
     result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {}}

@@ -1,7 +1,7 @@
 """Score a checkpoint on its test folder once; every explain figure reads these scores.
 
-The test folder is listed through ``scan_test`` inside ``test_access("explain")`` (the guard
-that keeps training and sweeps off the test set), decoded with the checkpoint's own
+The test folder is read through ``read_test_set`` (the test-folder guard plus the leak check,
+shared with test mode), decoded with the checkpoint's own
 preprocessing (``ModelSpec`` size, mean, std, interpolation) and pushed through the model in
 batches under ``torch.no_grad``. While scoring, a forward hook on ``model.last_conv()``
 keeps each CONV5 channel's maximum spatial activation per image, which is what guided
@@ -17,9 +17,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from inat.data.folder import scan_test, test_access
 from inat.data.images import decode_image, to_float
-from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
 
 
@@ -103,21 +101,19 @@ def score_images(model: InatModel, spec: ModelSpec, images: np.ndarray, batch_si
     return torch.softmax(logits, dim=1).numpy(), torch.cat(captured).numpy()
 
 
-def score_test_set(model: InatModel, spec: ModelSpec, classes: Sequence[str], root: str | Path,
-                   batch_size: int = 128, tta_flip: bool = False, cache_dir: str = "") -> TestScores:
-    """List, decode and score the test folder of ``root`` for a model trained on ``classes``.
+def score_test_set(model: InatModel, spec: ModelSpec, state: dict, root: str | Path, batch_size: int = 128,
+                   tta_flip: bool = False, cache_dir: str = "") -> TestScores:
+    """List, decode and score the test folder of ``root`` for checkpoint ``state``'s model.
 
-    Decoding goes through the decode-once cache, keyed like test mode's, so explaining a
-    checkpoint that was already tested (or explained) reads tensors instead of JPEGs.
+    Reading goes through ``read_test_set``, the guarded path test mode uses (leak check
+    included), and its decode-once cache, so explaining a checkpoint that was already tested
+    reads tensors instead of JPEGs.
     """
-    from inat.data.cache import load_or_build
+    from inat.data.testset import read_test_set
 
-    with test_access("explain"):
-        split = scan_test(Path(root), classes)
-        if len(split) == 0:
-            raise InatError(f"The test folder of '{root}' has no images to explain.")
-        cache = load_or_build(split.paths, int(spec.input_size), interpolation=spec.interpolation,
-                              crop_pct=float(spec.crop_pct), directory=cache_dir, label="test/")
+    split, cache = read_test_set(state, root, int(spec.input_size), purpose="explain", interpolation=spec.interpolation,
+                                 crop_pct=float(spec.crop_pct), cache_dir=cache_dir)
     images = np.asarray(cache.images)  # (N, S, S, 3) uint8 memory map
     probs, conv5 = score_images(model, spec, images, batch_size, tta_flip)
-    return TestScores(list(classes), list(split.paths), np.asarray(split.labels, dtype=np.int64), images, probs, conv5)
+    classes = list(state["classes"])
+    return TestScores(classes, list(split.paths), np.asarray(split.labels, dtype=np.int64), images, probs, conv5)

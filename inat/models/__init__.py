@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Tuple
 
+from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
 from inat.models.registry import create_model, list_models, register_model
 
@@ -27,7 +28,10 @@ def model_from_checkpoint(path: str | Path, *, use_ema: bool = True) -> Tuple[In
     from inat.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
-    model = model_from_state(state, use_ema=use_ema)
+    try:
+        model = model_from_state(state, use_ema=use_ema)
+    except InatError as err:
+        raise InatError(f"Checkpoint '{path}': {err}") from err
     return model, model.spec, list(state["classes"])
 
 
@@ -42,8 +46,15 @@ def model_from_state(state: dict, *, use_ema: bool = True) -> InatModel:
     cfg = OmegaConf.create(state["config"])
     cfg.model.pretrained = False
     cfg.model.weights_file = None
-    model = build_from_config(cfg, len(state["classes"]))
     weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
-    model.load_state_dict(weights)
+    try:
+        model = build_from_config(cfg, len(state["classes"]))
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        # A tampered or mismatched file (a shortened class list, missing tensors) fails here.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
+        raise InatError(f"the weights do not fit the {cfg.model.name} model its config describes with "
+                        f"{len(state['classes'])} classes ({detail[:160].rstrip('.')}); it is not a complete inat checkpoint.") from err
     model.eval()
     return model

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from inat.errors import InatError
+
 __all__ = ["report_mode", "build_report"]
 
 
@@ -58,6 +60,12 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
     from inat.report.html import page
     from inat.report.provenance import run_provenance, this_machine
 
+    from inat.runs import atomic_open
+
+    out_file = Path(out_file)
+    if out_file.is_dir():  # checked first: the explain figures below can take minutes
+        raise InatError(f"report.out '{out_file}' is a directory; name the HTML file to write, e.g. "
+                        f"report.out={out_file / 'report.html'}.")
     runs, sweeps, detections = collect(inputs)
     trained = [r for r in runs if r.trained]  # a trial the sweep budget refused has no result
     best = best_run(trained, scratch=True)
@@ -84,9 +92,8 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
         f"decimal.</p>",
         sections.appendix(runs),
     ]
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(page(title, body), encoding="utf-8")
+    with atomic_open(out_file, "w", encoding="utf-8") as fh:  # one sentence on a read-only or full disk
+        fh.write(page(title, body))
     test = best.test_accuracy if best else None
     if test is None and explained:
         test = explained.get("test_accuracy")

@@ -96,6 +96,13 @@ class InatOptunaSweeper(OptunaSweeper):
         # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
         sweep_dir.mkdir(parents=True, exist_ok=True)
 
+        from inat.sweep.space import sweep_errors
+
+        errors = sweep_errors(impl.n_trials, OmegaConf.to_container(impl.params) if impl.params else {}, arguments)
+        if errors:  # Optuna would answer an inverted interval with a raw traceback
+            from inat.cli import fail
+
+            fail(errors[0])
         impl._process_searchspace_config()
         params_conf = impl._parse_sweeper_params_config() + list(arguments)
         if not any(a.lstrip("+~").split("=", 1)[0] == "wandb.group" for a in params_conf):

@@ -51,7 +51,8 @@ def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, p
         folder.paths, spec.input_size, interpolation=spec.interpolation, crop_pct=float(spec.crop_pct),
         directory=data_cfg.cache_dir, workers=int(data_cfg.workers), label="train/", progress=progress))
     labels = np.asarray(folder.labels, dtype=np.int64)
-    train_idx, val_idx = build_split(labels, float(data_cfg.val_fraction), int(data_cfg.split_seed))
+    train_idx, val_idx = build_split(labels, float(data_cfg.val_fraction), int(data_cfg.split_seed),
+                                     classes=folder.classes)
     return TrainData(root, folder, cache.images, labels, cache.sha1, train_idx, val_idx)
 
 

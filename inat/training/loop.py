@@ -6,6 +6,7 @@ torchrun every stopping decision is rank 0's, broadcast (see ``inat.training.dis
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -24,7 +25,7 @@ from inat.data.split import write_manifest
 from inat.errors import InatError
 from inat.inference import Precision, pick_device, process_precision
 from inat.models import InatModel, build_from_config
-from inat.runs import world
+from inat.runs import acquire_run_lock, world
 from inat.training import distributed
 from inat.training.data import SEED_AUG, SEED_INIT, TrainData, epoch_order, load_data, resolve_root
 from inat.training.optim import check_schedule, lr_factor, make_optimizer, set_lr
@@ -274,10 +275,17 @@ def fit(cfg: DictConfig, run_dir: Path,
 
     ``epoch_callback(record)`` runs on rank 0 after each epoch's checkpoint; a non-empty
     string it returns stops training with ``stop_reason = "pruned: <reason>"`` (sweeps use it
-    to stop weak trials early without this module knowing about sweeps).
+    to stop weak trials early without this module knowing about sweeps). Rank 0 holds the
+    run folder's lock throughout: a second training into the same folder is refused.
     """
+    rank, _ = world()
+    with acquire_run_lock(Path(run_dir)) if rank == 0 else contextlib.nullcontext():
+        return _fit(cfg, Path(run_dir), epoch_callback)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> Dict[str, Any]:
     t_start = time.perf_counter()
-    s = setup(cfg, Path(run_dir))
+    s = setup(cfg, run_dir)
     rank, world_size = world()
     state, epochs, spec = s.state, int(cfg.train.epochs), s.model.spec
     steps_per_epoch = max(1, (len(s.data.train_idx) // world_size) // int(cfg.train.batch_size))

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from inat.checkpoint import save_checkpoint
+from inat.checkpoint import save_epoch_checkpoints
 from inat.runs import write_json, write_metrics
 
 
@@ -61,9 +61,7 @@ class RunWriter:
         """Checkpoints (best first), the metrics CSV, wandb and one console line for an epoch."""
         if not self.is_main:
             return
-        if improved:
-            save_checkpoint(checkpoint, self.ckpt_dir / "best.pt")
-        save_checkpoint(checkpoint, self.ckpt_dir / "last.pt")
+        save_epoch_checkpoints(checkpoint, self.ckpt_dir, improved)  # best.pt first, then last.pt
         write_metrics(self.run_dir / "metrics.csv", history)
         if self.wandb is not None:
             self.wandb.log(record, step=record["epoch"])
