@@ -149,6 +149,7 @@ class ExplainConfig:
     n_neurons: int = 10
     image: Optional[str] = None  # image for feature maps; None = a seeded random test image
     batch_size: int = 128  # forward-pass batch when scoring the test images
+    cam_method: str = "gradcam"  # explain.what=[gradcam]: gradcam | gradcam++
 
 
 @dataclass

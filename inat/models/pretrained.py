@@ -52,6 +52,9 @@ class Backbone(InatModel):
     def last_conv(self) -> nn.Module:
         return self.net.get_submodule(self._last_conv_name)
 
+    def cam_layer_name(self) -> str:
+        return f"net.{self._last_conv_name}"  # the end of the last convolutional stage, as last_conv()
+
     def layer_groups(self) -> List[nn.Module]:
         return [nn.ModuleList([self.net.get_submodule(n) for n in names]) for _, names in self._groups]
 
