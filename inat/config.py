@@ -182,6 +182,7 @@ class PredictConfig:
     tta: bool = False  # average with the horizontally mirrored image
     batch_size: int = 64
     workers: int = 0  # decode threads; 0 = min(8, number of CPUs)
+    calibrated: bool = True  # divide logits by the checkpoint's fitted temperature; false = raw softmax
 
 
 @dataclass
@@ -193,6 +194,7 @@ class ExportConfig:
     # dynamo = the torch.export-based one (needs the onnxscript package; much slower here).
     onnx_exporter: str = "legacy"
     tolerance: float = 1e-3  # largest max-abs logit difference to PyTorch that passes
+    calibrated: bool = True  # divide logits by the checkpoint's temperature inside the graph; false = raw logits
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,35 @@ def test_class_scores_by_hand():
     f1_a = 2 * 1.0 * 0.75 / 1.75
     assert s["per_class_f1"]["a"] == pytest.approx(f1_a) and s["per_class_f1"]["b"] == 0.0
     assert s["macro_f1"] == pytest.approx(f1_a / 2)
+
+
+def test_predict_and_export_use_the_checkpoint_temperature(tmp_path):
+    """predict divides by T unless predict.calibrated=false; the ONNX graph holds T and its metadata names it."""
+    import onnx
+    from test_export import make_checkpoint as export_checkpoint_file
+
+    from conftest import make_dataset
+    from inat.checkpoint import load_checkpoint, save_checkpoint
+    from inat.export import export_checkpoint, run_onnx
+    from inat.predict import predict_images
+
+    data = make_dataset(tmp_path / "data", n_classes=3, n_train=2, n_test=1)
+    plain = export_checkpoint_file(tmp_path / "plain.pt", ["class_0", "class_1", "class_2"], data)
+    state = load_checkpoint(plain)
+    state["temperature"] = 2.5
+    save_checkpoint(state, tmp_path / "calibrated.pt")
+    inputs = [data / "train"]
+    raw = predict_images(plain, inputs, tmp_path / "p0", echo=False)
+    scaled = predict_images(tmp_path / "calibrated.pt", inputs, tmp_path / "p1", echo=False)
+    switched_off = predict_images(tmp_path / "calibrated.pt", inputs, tmp_path / "p2", echo=False, calibrated=False)
+    assert raw.temperature is None and scaled.temperature == 2.5 and switched_off.temperature is None
+    assert [r["probability"] for r in switched_off.records] == [r["probability"] for r in raw.records]
+    assert [r["class"] for r in scaled.records] == [r["class"] for r in raw.records]
+    assert all(s["probability"] < r["probability"] for s, r in zip(scaled.records, raw.records))  # T > 1 softens
+
+    out_raw = export_checkpoint(plain, tmp_path / "e0", verify_images=2)
+    out_cal = export_checkpoint(tmp_path / "calibrated.pt", tmp_path / "e1", verify_images=2)
+    meta = {p.key: p.value for p in onnx.load(out_cal["path"]).metadata_props}
+    assert meta["temperature"] == "2.5" and meta["calibrated"] == "true" and out_raw["metadata"]["calibrated"] == "false"
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    assert np.allclose(run_onnx(Path(out_cal["path"]), x) * 2.5, run_onnx(Path(out_raw["path"]), x), atol=1e-4)
