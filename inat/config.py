@@ -213,6 +213,18 @@ class DetectConfig:
 
 
 @dataclass
+class LrFindConfig:
+    # The learning-rate range test (+mode=lr_find): the reference lr (train.lr's group) ramps
+    # exponentially from start_lr to end_lr over `steps` batches (capped at one epoch).
+    start_lr: float = 1e-6
+    end_lr: float = 1.0
+    steps: int = 100
+    smoothing: float = 0.9  # EMA factor of the loss curve (bias-corrected)
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+    rule: str = "steepest"  # steepest (largest descent of smoothed loss) | min_over_10 (loss minimum / 10)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -230,6 +242,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     seed: int = 0
     ckpt: Optional[str] = None
     resume: bool = False
