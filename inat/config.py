@@ -125,6 +125,10 @@ class TrainConfig:
     eval_batch_size: int = 256
     then_test: bool = True  # after training, score the best checkpoint on the test folder
     log_every: int = 0  # progress bar refresh in steps; 0 = automatic
+    # Imbalance (inat.data.balance): loss weights n / (K * n_c) with auto; or draw each epoch
+    # with every class equally likely. One or the other: both together over-correct.
+    class_weights: str = "none"  # none | auto
+    balanced_sampler: bool = False
 
 
 @dataclass
