@@ -88,6 +88,15 @@ def apply_temperature(logits: torch.Tensor, temperature: Optional[float]) -> tor
     return logits if temperature is None else logits / float(temperature)
 
 
+def rescale_probs(probs: np.ndarray, temperature: Optional[float]) -> np.ndarray:
+    """``softmax(logits / T)`` from ``softmax(logits)``: log-probabilities are the logits up to a
+    per-row constant, which softmax ignores, so no second forward pass is needed."""
+    if temperature is None:
+        return probs
+    log_p = np.log(np.clip(probs.astype(np.float64), 1e-300, None))
+    return torch.as_tensor(log_p / float(temperature)).softmax(1).numpy().astype(probs.dtype)
+
+
 def checkpoint_temperature(state: Dict[str, Any], calibrated: bool = True) -> Optional[float]:
     """The checkpoint's fitted temperature when ``calibrated`` and present, else None (raw logits)."""
     value = state.get(TEMPERATURE_KEY) if calibrated else None

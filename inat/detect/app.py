@@ -109,11 +109,16 @@ class SpeciesNamer:
 
     def __init__(self, checkpoint: str) -> None:
         # Imported here: the classifier stack is only needed when this option is used.
-        from inat.models import model_from_checkpoint
+        from inat.calibration import checkpoint_temperature
+        from inat.checkpoint import load_checkpoint
+        from inat.models import model_from_state
 
         if not Path(checkpoint).is_file():
             raise InatError(f"Classifier checkpoint {checkpoint} (detect.classify) does not exist.")
-        self.model, spec, self.classes = model_from_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint)
+        self.model = model_from_state(state)
+        spec, self.classes = self.model.spec, list(state["classes"])
+        self.temperature = checkpoint_temperature(state) or 1.0  # calibrated probabilities when the run fitted T
         size = spec.input_size
         self.size = (size, size) if isinstance(size, int) else tuple(size)[-2:]
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -131,7 +136,7 @@ class SpeciesNamer:
             crop = image_rgb[int(y1):max(int(y1) + 1, int(round(y2))), int(x1):max(int(x1) + 1, int(round(x2)))]
             crops.append(cv2.resize(crop, (self.size[1], self.size[0]), interpolation=cv2.INTER_AREA))
         batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
-        probs = torch.softmax(self.model((batch - self.mean) / self.std).float(), dim=1)  # (B, K)
+        probs = torch.softmax(self.model((batch - self.mean) / self.std).float() / self.temperature, dim=1)  # (B, K)
         best, index = probs.max(dim=1)
         return [(self.classes[int(i)], round(float(p), 4)) for p, i in zip(best, index)]
 

@@ -53,8 +53,13 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
         tta = bool(state["config"].get("aug", {}).get("tta_flip", False))  # score as test mode does
         scores = score_test_set(model, spec, classes, root, batch_size=batch_size, tta_flip=tta,
                                 cache_dir=state["config"]["data"].get("cache_dir", ""))
+        from inat.calibration import checkpoint_temperature, rescale_probs
 
-    result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {}}
+        # Confidences shown in the figures are calibrated when the run fitted a temperature.
+        scores.probs = rescale_probs(scores.probs, checkpoint_temperature(state))
+
+    result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {},
+                              "temperature": state.get("temperature")}
     if scores is not None:
         result.update(test_accuracy=scores.accuracy, n=len(scores.labels))
     if "grid" in what:
