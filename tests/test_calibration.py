@@ -165,3 +165,30 @@ def test_predict_and_export_use_the_checkpoint_temperature(tmp_path):
     assert meta["temperature"] == "2.5" and meta["calibrated"] == "true" and out_raw["metadata"]["calibrated"] == "false"
     x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     assert np.allclose(run_onnx(Path(out_cal["path"]), x) * 2.5, run_onnx(Path(out_raw["path"]), x), atol=1e-4)
+
+
+def test_rescaled_probabilities_equal_softmax_of_scaled_logits():
+    from inat.calibration import rescale_probs
+
+    logits = torch.randn(50, 7, generator=torch.Generator().manual_seed(0)) * 4
+    probs = logits.softmax(1).numpy()
+    assert np.allclose(rescale_probs(probs, 2.5), (logits / 2.5).softmax(1).numpy(), atol=1e-6)
+    assert rescale_probs(probs, None) is probs
+
+
+def test_report_shows_recall_macro_f1_and_ece_before_and_after(tmp_path):
+    from inat.report.collect import Run
+    from inat.report.sections import quality_section
+
+    (tmp_path / "test").mkdir()
+    probs, labels = calibrated_predictor(500, 3, seed=2)
+    reliability_diagram({"raw": probs}, labels, tmp_path / "test" / "reliability.png")
+    test = {"accuracy": 0.5, "per_class_recall": {"a": 0.5, "b": 0.25}, "per_class_f1": {"a": 0.4, "b": 0.3},
+            "macro_f1": 0.35, "top_k_accuracy": {"top1": 0.5, "top3": 0.9},
+            "calibration": {"bins": 15, "temperature": 1.8, "temperature_source": "checkpoint", "figure": "reliability.png",
+                            "before": {"ece": 0.12, "nll": 1.2, "brier": 0.6},
+                            "after": {"ece": 0.03, "nll": 1.0, "brier": 0.55}}}
+    html = quality_section(Run(tmp_path, {}, {}, [], [], test=test))
+    for text in ("Macro-F1 <b>35.0%</b>", "top3 90.0%", "<b>12.0%</b> with the raw softmax", "<b>3.0%</b> after",
+                 "T = 1.80", "Reliability diagram", "25.0%"):
+        assert text in html, text

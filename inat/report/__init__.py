@@ -30,6 +30,21 @@ def _explain_best(run, work_dir: Path, allow: bool) -> tuple[Optional[Dict[str, 
     return explain_checkpoint(run.best_ckpt, target), target
 
 
+def _gradcam_best_tuned(run, work_dir: Path, allow: bool) -> Optional[Path]:
+    """Grad-CAM grid of the best fine-tuned run for Part B: the run's own, else drawn now into ``work_dir``."""
+    if run is None:
+        return None
+    if run.explain_dir is not None and (run.explain_dir / "gradcam.png").is_file():
+        return run.explain_dir / "gradcam.png"
+    if not allow or run.best_ckpt is None:
+        return None
+    from inat.explain import explain_checkpoint
+
+    target = Path(work_dir) / "explain" / run.name.replace("/", "_")
+    explain_checkpoint(run.best_ckpt, target, what=["gradcam"])
+    return target / "gradcam.png"
+
+
 def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str = "inat report",
                  explain: bool = True) -> Dict[str, Any]:
     """Write the HTML report for ``inputs`` to ``out_file``; returns the key numbers it shows.
@@ -58,7 +73,7 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
         sections.counts_section(best),
         sections.sweeps_section(sweeps),
         sections.best_model_section(best, explained, explain_dir, curves),
-        sections.finetune_section(runs, best, chart),
+        sections.finetune_section(runs, best, chart, _gradcam_best_tuned(best_run(runs, scratch=False), work_dir, explain)),
         sections.provenance_section([run_provenance(r, machine) for r in runs], machine, sweeps),
     ]
     out_file = Path(out_file)
