@@ -181,3 +181,17 @@ def test_explain_mode_draws_the_gradcam_grid(tmp_path):
         row = [s["correct"] for s in shown if s["true"] == result["classes"][k]]
         assert row == sorted(row, reverse=True)
     assert json.loads((tmp_path / "out" / "explain.json").read_text())["gradcam"]["method"] == "gradcam++"
+
+
+@pytest.mark.parametrize("name, keys", [("scratch", {}), ("resnet50", {"pretrained": False}),
+                                        ("torchvision", {"arch": "mobilenet_v3_small", "pretrained": False}),
+                                        ("timm", {"arch": "resnet18", "pretrained": False}),
+                                        ("efficientnet_lite0", {"pretrained": False})])
+def test_every_registered_kind_of_model_has_a_cam_layer(name, keys):
+    """Every builder of the registry names a spatial layer, and a map comes out at the input's size."""
+    from inat.explain.gradcam import class_activation_maps
+
+    model = build(name, 64, input_size=64, **keys) if name != "scratch" else build(name, 64)
+    maps, logits = class_activation_maps(model, torch.randn(2, 3, 64, 64), method="gradcam++")
+    assert maps.shape == (2, 64, 64) and logits.shape == (2, len(COLOURS))
+    assert not model.cam_layer()._forward_hooks
