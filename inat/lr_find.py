@@ -85,6 +85,8 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True) -> Dict[str, Any]:
         raise InatError(f"Unknown lr_find.rule '{lf.rule}': valid are {', '.join(RULES)}.")
     if not 0 < float(lf.start_lr) < float(lf.end_lr):
         raise InatError(f"lr_find needs 0 < start_lr < end_lr (got {lf.start_lr} and {lf.end_lr}).")
+    if int(cfg.train.threads) > 0:
+        torch.set_num_threads(int(cfg.train.threads))
     device = pick_device()
     root = resolve_root(cfg.data)
     folder = scan_train(root)
@@ -100,6 +102,8 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True) -> Dict[str, Any]:
         model.train()
     data = load_data(cfg, spec, root, folder, progress=progress)
     model.to(device)
+    if cfg.train.channels_last:  # the memory layout training uses, so the step costs what it will
+        model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     reference = float(cfg.train.lr)
     bs = int(cfg.train.batch_size)
@@ -120,6 +124,8 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True) -> Dict[str, Any]:
         idx = np.sort(perm[step * bs:(step + 1) * bs])
         x, target = augment(torch.from_numpy(np.array(data.images[idx])).to(device),
                             torch.from_numpy(data.labels[idx]).to(device), gen)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(cfg.train.precision, device):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=float(cfg.optim.label_smoothing))
