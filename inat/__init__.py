@@ -26,6 +26,7 @@ MODES = {
     "predict": "inat.predict:predict_mode",
     "export": "inat.export:export_mode",
     "detect": "inat.detect:detect_mode",
+    "lr_find": "inat.lr_find:lr_find_mode",
 }
 
 

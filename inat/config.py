@@ -132,6 +132,10 @@ class TrainConfig:
     eval_batch_size: int = 256
     then_test: bool = True  # after training, score the best checkpoint on the test folder
     log_every: int = 0  # progress bar refresh in steps; 0 = automatic
+    # Imbalance (inat.data.balance): loss weights n / (K * n_c) with auto; or draw each epoch
+    # with every class equally likely. One or the other: both together over-correct.
+    class_weights: str = "none"  # none | auto
+    balanced_sampler: bool = False
 
 
 @dataclass
@@ -156,6 +160,7 @@ class ExplainConfig:
     n_neurons: int = 10
     image: Optional[str] = None  # image for feature maps; None = a seeded random test image
     batch_size: int = 128  # forward-pass batch when scoring the test images
+    cam_method: str = "gradcam"  # explain.what=[gradcam]: gradcam | gradcam++
 
 
 @dataclass
@@ -188,6 +193,7 @@ class PredictConfig:
     tta: bool = False  # average with the horizontally mirrored image
     batch_size: int = 64
     workers: int = 0  # decode threads; 0 = min(8, number of CPUs)
+    calibrated: bool = True  # divide logits by the checkpoint's fitted temperature; false = raw softmax
 
 
 @dataclass
@@ -199,6 +205,7 @@ class ExportConfig:
     # dynamo = the torch.export-based one (needs the onnxscript package; much slower here).
     onnx_exporter: str = "legacy"
     tolerance: float = 1e-3  # largest max-abs logit difference to PyTorch that passes
+    calibrated: bool = True  # divide logits by the checkpoint's temperature inside the graph; false = raw logits
 
 
 @dataclass
@@ -214,6 +221,18 @@ class DetectConfig:
     loiter_frames: int = 5
     classify: Optional[str] = None  # inat checkpoint to name each detected animal
     save_video: bool = True
+
+
+@dataclass
+class LrFindConfig:
+    # The learning-rate range test (+mode=lr_find): the reference lr (train.lr's group) ramps
+    # exponentially from start_lr to end_lr over `steps` batches (capped at one epoch).
+    start_lr: float = 1e-6
+    end_lr: float = 1.0
+    steps: int = 100
+    smoothing: float = 0.9  # EMA factor of the loss curve (bias-corrected)
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+    rule: str = "steepest"  # steepest (largest descent of smoothed loss) | min_over_10 (loss minimum / 10)
 
 
 @dataclass
@@ -234,6 +253,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     seed: int = 0
     ckpt: Optional[str] = None
     resume: bool = False

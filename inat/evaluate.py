@@ -2,12 +2,17 @@
 
 ``+mode=test ckpt=PATH`` rebuilds the model from the checkpoint's own config, decodes the
 test folder with the model's preprocessing, refuses to score if any test image is
-byte-identical to an image the run trained or validated on, and writes ``test.json``.
+byte-identical to an image the run trained or validated on, and writes ``test.json``
+with accuracy, top-k, per-class recall and F1, macro-F1, and calibration (ECE, NLL, Brier
+before and after temperature scaling, a reliability diagram in ``reliability.png``). The
+temperature is the checkpoint's; a checkpoint without one gets it fitted here on the run's
+validation split (rebuilt from train/ and checked against the checkpoint's hashes), never
+on the test folder.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +23,80 @@ from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check
 from inat.models import model_from_state
 from inat.runs import write_json
 from inat.inference import batched_logits, pick_device, process_precision
+
+
+def class_scores(confusion: np.ndarray, classes: List[str]) -> Dict[str, Any]:
+    """Per-class recall and F1, and macro-F1 (the unweighted mean over classes with test images).
+
+    Rows of ``confusion`` are true classes. A class with no test images has no recall and no
+    F1 (None) and is left out of the macro mean; one never predicted has precision 0.
+    """
+    tp = np.diag(confusion).astype(float)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    recall = np.where(support > 0, tp / np.maximum(support, 1), np.nan)
+    precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+    f1 = np.where(support > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), np.nan)
+    f1 = np.where((support > 0) & (precision + recall == 0), 0.0, f1)
+
+    def as_dict(values: np.ndarray) -> Dict[str, Optional[float]]:
+        return {c: (None if np.isnan(x) else float(x)) for c, x in zip(classes, values)}
+
+    return {"per_class_recall": as_dict(recall), "per_class_f1": as_dict(f1),
+            "macro_f1": float(np.nanmean(f1)) if (support > 0).any() else None}
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: np.ndarray, ks: Tuple[int, ...] = (1, 3, 5)) -> Dict[str, float]:
+    """``{"top1": ..., "top3": ...}`` for each k up to the class count."""
+    y = torch.as_tensor(labels)[:, None]
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, k)
+    return {f"top{k}": float((top[:, :k] == y).any(1).float().mean()) for k in ks if k <= logits.shape[1]}
+
+
+def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: torch.device,
+                      progress: bool = False) -> Tuple[torch.Tensor, np.ndarray]:
+    """Logits and labels of the run's validation split, rebuilt from train/ (never the test folder).
+
+    The split is recomputed from the checkpoint's config (stratified, seeded) and must hash
+    to the images the run validated on; otherwise InatError, since a temperature fitted on
+    other images would not be the run's.
+    """
+    from inat.data.folder import scan_train
+    from inat.training import load_data
+
+    cfg = OmegaConf.create(state["config"])
+    spec = model.spec
+    root = Path(cfg.data.root)
+    data = load_data(cfg.data, spec, root, scan_train(root), progress=progress)
+    expected = state.get("split_sha1", {}).get("val")
+    if expected is not None and [data.sha1[i] for i in data.val_idx] != list(expected):
+        raise InatError(f"The validation split rebuilt from '{root}/train' differs from the run's, so no temperature "
+                        f"can be fitted; the train folder changed since training.")
+    logits = batched_logits(model, data.images[data.val_idx], spec.mean, spec.std,
+                            process_precision("auto", device, announce=False), batch_size=int(cfg.train.eval_batch_size),
+                            tta_flip=bool(cfg.aug.tta_flip), device=device, channels_last=bool(cfg.train.channels_last))
+    return logits, data.labels[data.val_idx]
+
+
+def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module,
+                                  device: torch.device) -> Tuple[Optional[float], str]:
+    """``(temperature, where it came from)``: the checkpoint's, else fitted on the validation split.
+
+    None when neither is possible (the train folder is gone): test mode then reports the
+    uncalibrated numbers only.
+    """
+    from inat.calibration import checkpoint_temperature, fit_temperature
+
+    saved = checkpoint_temperature(state)
+    if saved is not None:
+        return saved, "checkpoint"
+    try:
+        logits, labels = validation_logits(state, model, device)
+    except (InatError, OSError) as err:
+        print(f"no temperature: the checkpoint has none and the validation split is unavailable ({err})", flush=True)
+        return None, "none"
+    if len(labels) == 0:
+        return None, "none"
+    return fit_temperature(logits, labels), "validation split (fitted by test mode)"
 
 
 def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[str] = None,
@@ -52,13 +131,38 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
               "confusion_matrix": confusion.tolist(), "classes": classes, "ckpt": str(Path(ckpt_path).resolve()),
               "data_root": str(root), "tta_flip": bool(cfg.aug.tta_flip),
               "loss": float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))}
+    result["top_k_accuracy"] = top_k_accuracy(logits, y)
+    result.update(class_scores(confusion, classes))
+    result.update(calibration_section(logits, y, *checkpoint_or_val_temperature(state, model, device), Path(out_dir)))
     write_json(Path(out_dir) / "test.json", result)
     return result
+
+
+def calibration_section(logits: torch.Tensor, labels: np.ndarray, temperature: Optional[float], source: str,
+                        out_dir: Path) -> Dict[str, Any]:
+    """test.json's calibration keys and ``reliability.png``: ECE/NLL/Brier of the probabilities
+    inat reports (calibrated when a temperature exists) plus the before/after pair."""
+    from inat.calibration import ECE_BINS, calibration_metrics, reliability_diagram
+
+    before = calibration_metrics(logits, labels)
+    after = calibration_metrics(logits, labels, temperature) if temperature is not None else None
+    curves = {"raw softmax": logits.double().softmax(1)}
+    if temperature is not None:
+        curves[f"T = {temperature:.2f}"] = (logits.double() / temperature).softmax(1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reliability_diagram(curves, labels, out_dir / "reliability.png", title="Test reliability")
+    return {**(after or before), "calibration": {"bins": ECE_BINS, "temperature": temperature, "temperature_source": source,
+                                                 "before": before, "after": after, "figure": "reliability.png"}}
 
 
 def print_test(result: Dict[str, Any]) -> None:
     """Human summary of a test.json dict."""
     print(f"test accuracy {result['accuracy']:.1%} on {result['n']} images ({result['data_root']})")
+    cal = result.get("calibration")
+    if cal:
+        after = f", after T={cal['temperature']:.2f} {cal['after']['ece']:.1%}" if cal.get("after") else ""
+        f1 = "-" if result.get("macro_f1") is None else f"{result['macro_f1']:.3f}"
+        print(f"macro-F1 {f1}; ECE ({cal['bins']} bins) {cal['before']['ece']:.1%}{after}")
     for name, acc in result["per_class_accuracy"].items():
         print(f"  {name:<24} {'-' if acc is None else f'{acc:.1%}'}")
 

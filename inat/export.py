@@ -27,7 +27,7 @@ from inat.data.folder import IMAGE_EXTENSIONS
 from inat.data.images import decode_image, to_float
 from inat.inference import Precision, batched_logits
 from inat.errors import InatError
-from inat.models import ModelSpec, model_from_checkpoint
+from inat.models import ModelSpec, model_from_state
 from inat.runs import atomic_path, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -151,24 +151,49 @@ def run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
         return loaded(torch.from_numpy(x)).numpy()
 
 
+class TemperatureScaled(nn.Module):
+    """``model(x) / T``: the checkpoint's temperature inside the exported graph, so a plain
+    softmax of the output is the calibrated probability."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, classes)
+        return self.model(x) / self.temperature
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onnx", verify_images: int = 8,
-                      opset: int = 17, onnx_exporter: str = "legacy", tolerance: float = 1e-3) -> Dict[str, Any]:
+                      opset: int = 17, onnx_exporter: str = "legacy", tolerance: float = 1e-3,
+                      calibrated: bool = True) -> Dict[str, Any]:
     """Export ``ckpt`` into ``out_dir`` as ``fmt``, verify parity, write ``export.json``; returns its dict.
 
     The model runs in fp32 eval mode on the CPU. The parity check feeds the exported file and
     PyTorch the same normalised images (all at once, then the first alone, so two batch sizes
     other than the traced one) and fails with InatError when the max absolute logit
     difference exceeds ``tolerance``; the temp file is removed then, and on any other error.
+    With ``calibrated`` and a checkpoint temperature T the graph outputs ``logits / T``
+    (metadata ``temperature`` = T, ``calibrated`` = true); otherwise the raw logits, with the
+    checkpoint's T (if any) still in the metadata for consumers that scale themselves.
     """
     if fmt not in FORMATS:
         raise InatError(f"Unknown export.format '{fmt}': valid are {', '.join(FORMATS)}.")
     if verify_images < 1:
         raise InatError(f"export.verify_images must be at least 1 (got {verify_images}).")
     state = load_checkpoint(ckpt)
-    model, spec, classes = model_from_checkpoint(ckpt)
+    model = model_from_state(state)  # the checkpoint is read once
+    spec, classes = model.spec, list(state["classes"])
     model = model.float().cpu().eval()
     model_name = str(state["config"].get("model", {}).get("name", spec.name))
     metadata = preprocessing_metadata(spec, classes, model_name)
+    from inat.calibration import checkpoint_temperature
+
+    temperature = checkpoint_temperature(state)
+    if calibrated and temperature is not None:
+        model = TemperatureScaled(model, temperature).eval()
+    metadata.update(temperature="" if temperature is None else repr(temperature),
+                    calibrated=str(calibrated and temperature is not None).lower())
     size = int(spec.input_size)
     example = torch.zeros(TRACE_BATCH, 3, size, size)
     images, source = verification_images(state["config"].get("data", {}).get("root"), spec, int(verify_images))
@@ -207,7 +232,8 @@ def export_mode(cfg: DictConfig, out_dir: Path) -> None:
     """``+mode=export ckpt=PATH [export.format=onnx|torchscript]``: the verified file plus export.json."""
     e = cfg.export
     result = export_checkpoint(cfg.ckpt, out_dir, fmt=str(e.format), verify_images=int(e.verify_images),
-                               opset=int(e.opset), onnx_exporter=str(e.onnx_exporter), tolerance=float(e.tolerance))
+                               opset=int(e.opset), onnx_exporter=str(e.onnx_exporter), tolerance=float(e.tolerance),
+                               calibrated=bool(e.calibrated))
     opset = f", opset {result['opset']}" if result["opset"] is not None else ""
     print(f"exported {result['format']}{opset}: max |logit difference| to PyTorch {result['max_abs_diff']:.2e} "
           f"on {result['n_images']} images from {result['images']}")

@@ -6,6 +6,8 @@ size, mean, std, interpolation, crop), so a scratch CNN and a fine-tuned backbon
 same command. Folders are walked recursively for image files. An unreadable file costs one
 warning line, not the run; only when nothing at all could be scored does the mode fail.
 Results go to ``predictions.jsonl`` in the output folder, one JSON object per image.
+Probabilities are ``softmax(logits / T)`` with the checkpoint's fitted temperature T when it
+has one (``predict.calibrated=false`` gives the raw softmax).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from omegaconf import DictConfig
 from inat.data.folder import IMAGE_EXTENSIONS
 from inat.data.images import decode_image
 from inat.errors import InatError
-from inat.models import ModelSpec, model_from_checkpoint
+from inat.models import ModelSpec, model_from_state
 from inat.runs import atomic_open
 from inat.inference import batched_logits, pick_device, process_precision
 
@@ -38,6 +40,7 @@ class PredictResult:
     records: List[Dict[str, Any]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
     path: Optional[Path] = None
+    temperature: Optional[float] = None  # the T probabilities were divided by; None = raw softmax
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> List[Path]:
@@ -111,7 +114,7 @@ def top_k_record(path: Path, probs: torch.Tensor, classes: Sequence[str], k: int
 
 def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: Path, *, top_k: int = 3,
                    tta: bool = False, batch_size: int = 64, workers: int = 0, echo: bool = True,
-                   precision: str = "auto") -> PredictResult:
+                   precision: str = "auto", calibrated: bool = True) -> PredictResult:
     """Score every image under ``inputs`` with the checkpoint and write ``predictions.jsonl``.
 
     Prints each image's top-k classes (when ``echo``) and one warning line per unreadable
@@ -129,7 +132,13 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     if not paths:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise InatError(f"No image files ({extensions}) found in {', '.join(map(str, inputs))}.")
-    model, spec, classes = model_from_checkpoint(ckpt)
+    from inat.calibration import apply_temperature, checkpoint_temperature
+    from inat.checkpoint import load_checkpoint
+
+    state = load_checkpoint(ckpt)
+    model = model_from_state(state)
+    spec, classes = model.spec, list(state["classes"])
+    temperature = checkpoint_temperature(state, calibrated)
     k = min(top_k, len(classes))
     device = pick_device()
     model.to(device)
@@ -139,7 +148,7 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     workers = workers or min(8, os.cpu_count() or 1)
 
     final = Path(out_dir) / PREDICTIONS_FILE
-    result = PredictResult()
+    result = PredictResult(temperature=temperature)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=len(paths) <= batch_size, mininterval=1.0)
     try:
         # atomic_open: a read-only or full output folder is one sentence, and no torn file stays.
@@ -151,7 +160,7 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                 if len(good):
                     logits = batched_logits(model, images, spec.mean, spec.std, policy, batch_size=batch_size,
                                             tta_flip=tta, device=device, channels_last=device.type == "cuda")
-                    probs = logits.softmax(dim=1)
+                    probs = apply_temperature(logits, temperature).softmax(dim=1)
                     for path, p in zip(good, probs):
                         record = top_k_record(path, p, classes, k)
                         result.records.append(record)
@@ -174,6 +183,8 @@ def predict_mode(cfg: DictConfig, out_dir: Path) -> None:
     """``+mode=predict ckpt=PATH predict.inputs=[PATH,...]``: top-k classes per image, as text and JSONL."""
     p = cfg.predict
     result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=int(p.top_k), tta=bool(p.tta),
-                            batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision)
+                            batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision,
+                            calibrated=bool(p.calibrated))
     skipped = f"; skipped {len(result.skipped)} unreadable file(s)" if result.skipped else ""
-    print(f"scored {len(result.records)} image(s){skipped}; wrote {result.path}")
+    calibration = f"calibrated, T={result.temperature:.2f}" if result.temperature is not None else "raw softmax"
+    print(f"scored {len(result.records)} image(s){skipped} ({calibration}); wrote {result.path}")

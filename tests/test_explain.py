@@ -69,7 +69,7 @@ def test_explain_writes_every_figure_and_json(tiny, tmp_path):
     root, ckpt = tiny
     result = explain_checkpoint(ckpt, tmp_path, n_neurons=4)
     figures = json.loads((tmp_path / "explain.json").read_text())["figures"]
-    assert set(figures) == {"grid", "filters", "feature_maps", "guided_backprop", "confusion", "mistakes"}
+    assert set(figures) == {"grid", "filters", "feature_maps", "guided_backprop", "confusion", "mistakes", "gradcam"}
     for name in figures.values():
         with Image.open(tmp_path / name) as img:
             assert img.size[0] > 100 and img.size[1] > 100

@@ -122,11 +122,16 @@ class SpeciesNamer:
 
     def __init__(self, checkpoint: str) -> None:
         # Imported here: the classifier stack is only needed when this option is used.
-        from inat.models import model_from_checkpoint
+        from inat.calibration import checkpoint_temperature
+        from inat.checkpoint import load_checkpoint
+        from inat.models import model_from_state
 
         if not Path(checkpoint).is_file():
             raise InatError(f"Classifier checkpoint {checkpoint} (detect.classify) does not exist.")
-        self.model, self.spec, self.classes = model_from_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint)
+        self.model = model_from_state(state)
+        self.spec, self.classes = self.model.spec, list(state["classes"])
+        self.temperature = checkpoint_temperature(state) or 1.0  # calibrated probabilities when the run fitted T
         # The checkpoint's own preprocessing (size, interpolation, crop_pct), as in test mode.
         from inat.inference import Preprocess, pick_device, process_precision
 
@@ -147,7 +152,7 @@ class SpeciesNamer:
             crops.append(self.preprocess.array(crop))  # (S, S, 3) uint8
         logits = batched_logits(self.model, np.stack(crops), self.spec.mean, self.spec.std, self.precision,
                                 device=self.device, channels_last=False)
-        best, index = torch.softmax(logits, dim=1).max(dim=1)
+        best, index = torch.softmax(logits / self.temperature, dim=1).max(dim=1)
         return [(self.classes[int(i)], round(float(p), 4)) for p, i in zip(best, index)]
 
 

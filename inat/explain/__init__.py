@@ -1,6 +1,6 @@
-"""Explanations of a trained checkpoint: prediction grid, filters, guided backprop, confusion.
+"""Explanations of a trained checkpoint: prediction grid, filters, guided backprop, confusion, Grad-CAM.
 
-``python run.py +mode=explain ckpt=PATH explain.what=[grid,filters,guided_backprop,confusion]``
+``python run.py +mode=explain ckpt=PATH explain.what=[grid,filters,guided_backprop,confusion,gradcam]``
 writes PNG figures and an ``explain.json`` (figure file names plus the numbers behind them)
 into the Hydra output folder. ``explain_checkpoint`` is the same thing as a function, which
 the report calls for the best run. The test folder is scored once, and only when a figure
@@ -14,14 +14,15 @@ from typing import Any, Dict, Optional, Sequence
 
 from inat.errors import InatError
 
-WHAT = ("grid", "filters", "guided_backprop", "confusion")
+WHAT = ("grid", "filters", "guided_backprop", "confusion", "gradcam")
 
 __all__ = ["explain_mode", "explain_checkpoint", "WHAT"]
 
 
 def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] = WHAT, data_root: Optional[str] = None,
                        pick: str = "random", seed: int = 0, per_class: int = 3, neurons: Optional[Sequence[int]] = None,
-                       n_neurons: int = 10, image: Optional[str] = None, batch_size: int = 128) -> Dict[str, Any]:
+                       n_neurons: int = 10, image: Optional[str] = None, batch_size: int = 128,
+                       cam_method: str = "gradcam") -> Dict[str, Any]:
     """Draw the requested figures for ``ckpt`` into ``out_dir`` and return explain.json's content.
 
     ``data_root`` defaults to the root the checkpoint was trained on. Test images are read
@@ -48,15 +49,20 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     spec, classes = model.spec, list(state["classes"])
 
     scores = None
-    needs_scores = bool({"grid", "guided_backprop", "confusion"} & set(what)) or ("filters" in what and not image)
+    needs_scores = bool({"grid", "guided_backprop", "confusion", "gradcam"} & set(what)) or ("filters" in what and not image)
     if needs_scores:
         from inat.explain.scoring import score_test_set
 
         tta = bool(state["config"].get("aug", {}).get("tta_flip", False))  # score as test mode does
         scores = score_test_set(model, spec, state, root, batch_size=batch_size, tta_flip=tta,
                                 cache_dir=state["config"]["data"].get("cache_dir", ""))
+        from inat.calibration import checkpoint_temperature, rescale_probs
 
-    result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {}}
+        # Confidences shown in the figures are calibrated when the run fitted a temperature.
+        scores.probs = rescale_probs(scores.probs, checkpoint_temperature(state))
+
+    result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {},
+                              "temperature": state.get("temperature")}
     if scores is not None:
         result.update(test_accuracy=scores.accuracy, n=len(scores.labels))
     if "grid" in what:
@@ -89,6 +95,12 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
 
         result["confusion"] = draw_confusion(scores, out_dir / "confusion.png", out_dir / "mistakes.png")
         result["figures"].update(confusion="confusion.png", mistakes="mistakes.png")
+    if "gradcam" in what:
+        from inat.explain.gradcam import draw_gradcam_grid
+
+        result["gradcam"] = draw_gradcam_grid(model, spec, scores, out_dir / "gradcam.png", per_class=per_class,
+                                              seed=seed, method=cam_method)
+        result["figures"]["gradcam"] = "gradcam.png"
     result["seconds"] = round(time.time() - start, 1)
     write_json(out_dir / "explain.json", result)
     return result
@@ -107,7 +119,8 @@ def explain_mode(cfg: Any, out_dir: Path) -> None:
     root = str(cfg.data.root) if overridden else None
     result = explain_checkpoint(cfg.ckpt, out_dir, what=list(e.what), data_root=root, pick=e.pick, seed=int(e.seed),
                                 per_class=int(e.per_class), neurons=list(e.neurons) if e.neurons else None,
-                                n_neurons=int(e.n_neurons), image=e.image, batch_size=int(e.batch_size))
+                                n_neurons=int(e.n_neurons), image=e.image, batch_size=int(e.batch_size),
+                                cam_method=str(e.cam_method))
     acc = result.get("test_accuracy")
     line = f" (test accuracy {100 * acc:.1f}% on {result['n']} images)" if acc is not None else ""
     print(f"explain: {', '.join(result['figures'].values())} in {out_dir}{line}", flush=True)

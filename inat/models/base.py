@@ -1,8 +1,8 @@
 """The small interface every inat model has, whatever builds it.
 
 Code that draws filters, runs guided backprop, freezes layers or exports a model asks this
-interface (``first_conv``, ``last_conv``, ``layer_groups``, ``head``) and ``spec``; it never
-inspects concrete classes.
+interface (``first_conv``, ``last_conv``, ``cam_layer_name``, ``layer_groups``, ``head``) and
+``spec``; it never inspects concrete classes.
 """
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ class InatModel(nn.Module):
     def last_conv(self) -> nn.Module:
         """The module whose output holds the last conv block's activations (CONV5)."""
         raise NotImplementedError
+
+    def cam_layer_name(self) -> str:
+        """Dotted name (for ``get_submodule``) of the layer Grad-CAM weighs: the last spatial
+        feature map before pooling (scratch CONV5, a backbone's last convolutional stage)."""
+        raise NotImplementedError
+
+    def cam_layer(self) -> nn.Module:
+        """The module named by ``cam_layer_name``; by name, so an EMA copy or a reload finds its own."""
+        return self.get_submodule(self.cam_layer_name())
 
     def layer_groups(self) -> List[nn.Module]:
         """Parameter groups from input to output, the head last; freezing walks these."""

@@ -34,13 +34,14 @@ class Backbone(InatModel):
     """A pretrained network with named layer groups; ``forward`` returns (B, classes) logits."""
 
     def __init__(self, net: nn.Module, spec: ModelSpec, groups: Groups, last_conv_name: str,
-                 chain: Optional[List[str]] = None) -> None:
+                 chain: Optional[List[str]] = None, cam_layer_name: Optional[str] = None) -> None:
         super().__init__()
         self.net = net
         self.spec = spec
         # Names, not modules: a deepcopy (EMA) or a reload then resolves to its own modules.
         self._groups = [(name, list(modules)) for name, modules in groups]
         self._last_conv_name = last_conv_name
+        self._cam_layer_name = cam_layer_name or last_conv_name
         self._chain = list(chain) if chain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, classes)
@@ -51,6 +52,9 @@ class Backbone(InatModel):
 
     def last_conv(self) -> nn.Module:
         return self.net.get_submodule(self._last_conv_name)
+
+    def cam_layer_name(self) -> str:
+        return f"net.{self._cam_layer_name}"  # the output of the last convolutional stage
 
     def layer_groups(self) -> List[nn.Module]:
         return [nn.ModuleList([self.net.get_submodule(n) for n in names]) for _, names in self._groups]
@@ -374,7 +378,18 @@ def build_timm(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = 
     spec = _spec(f"timm/{arch}", num_classes, model_cfg, dc["input_size"][-1], dc["mean"], dc["std"],
                  dc["interpolation"], dc["crop_pct"], source="timm", arch=arch,
                  weights_file=weights_file if pretrained else None, groups=[g for g, _ in groups])
-    return Backbone(net, spec, groups, _body_end(groups))
+    return Backbone(net, spec, groups, _body_end(groups), cam_layer_name=_timm_last_stage(net))
+
+
+def _timm_last_stage(net: nn.Module) -> Optional[str]:
+    """The module timm names as its last feature stage (``layer4``, ``stages.3``), whose output
+    is the whole stage's (after the residual add and activation); None when timm does not say."""
+    info = getattr(net, "feature_info", None)
+    name = info[-1].get("module") if isinstance(info, list) and info and isinstance(info[-1], dict) else None
+    try:
+        return name if name and net.get_submodule(name) is not None else None
+    except AttributeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite

@@ -179,6 +179,9 @@ class ScratchCNN(InatModel):
     def last_conv(self) -> nn.Module:
         return self.blocks[-1].act  # CONV5 after its activation, before pooling: (B, C5, H/16, W/16)
 
+    def cam_layer_name(self) -> str:
+        return f"blocks.{len(self.blocks) - 1}.act"  # the module last_conv() returns
+
     def layer_groups(self) -> List[nn.Module]:
         return [*self.blocks, self.dense, self.out]
 

@@ -49,6 +49,21 @@ def _sweep_figures(sweeps) -> Dict[str, Dict[str, str]]:
     return out
 
 
+def _gradcam_best_tuned(run, work_dir: Path, allow: bool) -> Optional[Path]:
+    """Grad-CAM grid of the best fine-tuned run for Part B: the run's own, else drawn now into ``work_dir``."""
+    if run is None:
+        return None
+    if run.explain_dir is not None and (run.explain_dir / "gradcam.png").is_file():
+        return run.explain_dir / "gradcam.png"
+    if not allow or run.best_ckpt is None:
+        return None
+    from inat.explain import explain_checkpoint
+
+    target = Path(work_dir) / "explain" / run.name.replace("/", "_")
+    explain_checkpoint(run.best_ckpt, target, what=["gradcam"])
+    return target / "gradcam.png"
+
+
 def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str = "inat report",
                  explain: bool = True) -> Dict[str, Any]:
     """Write the HTML report for ``inputs`` to ``out_file``; returns the key numbers it shows.
@@ -85,7 +100,8 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
         sections.sweep_plots_section(sweeps, _sweep_figures(sweeps)),
         sections.observations_section(sweeps),
         sections.best_model_section(best, explained, explain_dir, curves),
-        sections.finetune_section(trained, best, chart),
+        sections.finetune_section(trained, best, chart,
+                                  _gradcam_best_tuned(best_run(trained, scratch=False), work_dir, explain)),
         sections.part_c_section(detections),
         sections.provenance_section([run_provenance(r, machine) for r in trained], machine, sweeps),
         f"<p class=\"note\">Inputs: {', '.join(str(i) for i in inputs)}. Accuracies are percentages with one "

@@ -15,7 +15,38 @@ EXPLAIN_FIGURES = [
     ("guided_backprop", "CONV5 neurons: the test image exciting each most, and the guided backprop of that neuron."),
     ("confusion", "Confusion matrix (rows = true class), per-class accuracy and the most confused pairs."),
     ("mistakes", "Worst mistakes: the most confident wrong predictions."),
+    ("gradcam", "Grad-CAM: per test image, where the model looks for the predicted class and for the true class "
+                "(correct left, wrong right)."),
 ]
+
+
+def quality_section(run: Run) -> str:
+    """Per-class recall and F1, macro-F1, top-k, and calibration (ECE before/after temperature
+    scaling with the reliability diagram) from a run's test.json, when it has them."""
+    test = run.test or {}
+    out = []
+    recall, f1 = test.get("per_class_recall"), test.get("per_class_f1") or {}
+    if recall:
+        out.append(table(["class", "recall", "F1"], [[c, pct(r), pct(f1.get(c))] for c, r in recall.items()],
+                         numeric=(1, 2)))
+    topk = test.get("top_k_accuracy") or {}
+    if test.get("macro_f1") is not None:
+        extra = ", ".join(f"{k} {pct(v)}" for k, v in topk.items())
+        out.append(f"<p>Macro-F1 <b>{pct(test['macro_f1'])}</b>{'; ' + esc(extra) if extra else ''}.</p>")
+    cal = test.get("calibration")
+    if cal:
+        before, after = cal.get("before") or {}, cal.get("after")
+        line = f"ECE ({cal.get('bins')} bins) <b>{pct(before.get('ece'))}</b> with the raw softmax"
+        if after:
+            line += (f", <b>{pct(after['ece'])}</b> after temperature scaling (T = {cal['temperature']:.2f}, "
+                     f"fitted on the {esc(cal.get('temperature_source', 'validation split'))}); "
+                     f"NLL {before.get('nll', 0):.3f} &rarr; {after['nll']:.3f}, "
+                     f"Brier {before.get('brier', 0):.3f} &rarr; {after['brier']:.3f}")
+        out.append(f"<p>Calibration on the test set: {line}.</p>")
+        diagram = run.path / "test" / str(cal.get("figure", "reliability.png"))
+        if diagram.is_file():
+            out.append(figure(diagram, "Reliability diagram: per-bin accuracy against confidence (diagonal = calibrated)."))
+    return "".join(out)
 
 
 def _num(value: Any, digits: int = 0) -> str:
@@ -201,7 +232,9 @@ def best_model_section(run: Optional[Run], explained: Optional[Dict[str, Any]], 
     out.append(f"<p>Test accuracy: <span class=\"key\" id=\"test-accuracy\">{pct(test)}</span> "
                f"on {esc(n or '?')} test images <span class=\"note\">({esc(source)})</span></p>")
     per_class = (run.test or {}).get("per_class_accuracy") or ((explained or {}).get("confusion") or {}).get("per_class_accuracy")
-    if per_class:
+    if (run.test or {}).get("per_class_recall"):
+        out.append(quality_section(run))
+    elif per_class:
         out.append(table(["class", "test accuracy"], [[c, pct(a)] for c, a in per_class.items()], numeric=(1,)))
     if curves:
         out.append(figure(curves, f"Learning curves of {run.name} (metrics.csv)"))
@@ -220,7 +253,8 @@ def best_model_section(run: Optional[Run], explained: Optional[Dict[str, Any]], 
     return "".join(out)
 
 
-def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Optional[bytes]) -> str:
+def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Optional[bytes],
+                     gradcam: Optional[Path] = None) -> str:
     """Part B: fine-tuning strategies, and scratch against the best fine-tuned run."""
     tuned = [r for r in runs if r.trained and not r.is_scratch]  # a budget-refused trial has no model
     out = ["<h2 id=\"part-b\">Part B. Fine-tuning a pretrained model</h2>"]
@@ -258,6 +292,10 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
                        f"on validation accuracy.</p>")
     if chart:
         out.append(figure(chart, "Best validation and test accuracy per run"))
+    if best_tuned is not None and best_tuned.test:
+        out.append(f"<h3>Best fine-tuned run on the test set ({esc(best_tuned.name)})</h3>" + quality_section(best_tuned))
+    if gradcam is not None and gradcam.is_file():
+        out.append("<h3>gradcam</h3>" + figure(gradcam, f"Grad-CAM of the best fine-tuned run: {EXPLAIN_FIGURES[-1][1]}"))
     return "".join(out)
 
 

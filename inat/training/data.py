@@ -56,16 +56,23 @@ def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, p
     return TrainData(root, folder, cache.images, labels, cache.sha1, train_idx, val_idx)
 
 
-def epoch_order(data: TrainData, seed: int, epoch: int, batch_size: int, rank: int, world_size: int):
+def epoch_order(data: TrainData, seed: int, epoch: int, batch_size: int, rank: int, world_size: int,
+                balanced: bool = False):
     """This rank's share of the epoch's seeded permutation and its number of full batches.
 
     Equal shares keep DDP ranks in step; the ragged last batch is dropped (BatchNorm
-    dislikes tiny batches), except that a share smaller than one batch is one batch.
+    dislikes tiny batches), except that a share smaller than one batch is one batch. With
+    ``balanced`` the epoch is drawn with replacement so every class is equally likely.
     """
     import torch
 
     order = torch.Generator().manual_seed(seed * 1000 + SEED_ORDER + 7919 * epoch)
-    perm = data.train_idx[torch.randperm(len(data.train_idx), generator=order).numpy()]
+    if balanced:
+        from inat.data.balance import balanced_permutation
+
+        perm = data.train_idx[balanced_permutation(data.labels[data.train_idx], order)]
+    else:
+        perm = data.train_idx[torch.randperm(len(data.train_idx), generator=order).numpy()]
     per_rank = len(perm) // world_size
     perm = perm[rank * per_rank:(rank + 1) * per_rank]
     n_batches = len(perm) // batch_size if len(perm) >= batch_size else 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from inat.data.split import write_manifest
 from inat.errors import InatError
 from inat.inference import Precision, pick_device, process_precision
 from inat.models import InatModel, build_from_config
+from inat.run_folder import Summary
 from inat.runs import acquire_run_lock, world
 from inat.training import distributed
 from inat.training.data import SEED_AUG, SEED_INIT, TrainData, epoch_order, load_data, resolve_root
@@ -33,7 +35,8 @@ from inat.training.sources import FeatureSource, ImageSource, PrefixViewSource
 from inat.training.writer import RunWriter, environment, restore_rng, rng_state
 
 # Keys allowed to differ between the first run and its resumption.
-_RESUME_FREE = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep"}
+_RESUME_FREE = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep",
+                "lr_find"}
 
 
 @dataclass
@@ -100,9 +103,17 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def loss_fn(cfg: DictConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_fn(cfg: DictConfig, weight: Optional[torch.Tensor] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with the recipe's label smoothing and, with ``train.class_weights=auto``, class weights."""
     smoothing = float(cfg.optim.label_smoothing)
-    return lambda logits, target: F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+    return lambda logits, target: F.cross_entropy(logits.float(), target, label_smoothing=smoothing, weight=weight)
+
+
+def class_weight_tensor(s: "Setup") -> Optional[torch.Tensor]:
+    from inat.data.balance import class_weights
+
+    w = class_weights(s.data.labels[s.data.train_idx], s.model.spec.num_classes, str(s.cfg.train.class_weights))
+    return None if w is None else w.to(s.device)
 
 
 def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -> Dict[str, float]:
@@ -112,7 +123,7 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
     cfg, state, optimizer, device = s.cfg, s.state, s.optimizer, s.device
     rank, world_size = world()
     bs = int(cfg.train.batch_size)
-    perm, n_batches = epoch_order(s.data, cfg.seed, epoch, bs, rank, world_size)
+    perm, n_batches = epoch_order(s.data, cfg.seed, epoch, bs, rank, world_size, bool(cfg.train.balanced_sampler))
     warmup = float(cfg.optim.warmup_epochs) / max(1, int(cfg.train.epochs))
     log_every = int(cfg.train.log_every) or 50
     step_module = s.wrapper.refresh()
@@ -290,7 +301,7 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> 
     state, epochs, spec = s.state, int(cfg.train.epochs), s.model.spec
     steps_per_epoch = max(1, (len(s.data.train_idx) // world_size) // int(cfg.train.batch_size))
     budget = Budget(float(cfg.train.max_minutes) * 60, epochs * steps_per_epoch, s.device)
-    criterion = loss_fn(cfg)
+    criterion = loss_fn(cfg, class_weight_tensor(s))
     s.writer.say(f"{spec.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters, {len(s.data.classes)} "
                  f"classes, {len(s.data.train_idx)} train / {len(s.data.val_idx)} val images at {spec.input_size}px "
                  f"on {s.device}, input: {s.source.kind}")
@@ -326,28 +337,59 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> 
             if reason.startswith("pruned"):
                 s.writer.say(f"stopped early: {reason[len('pruned: '):]}")
             break
-    summary = _summary(s, stop_reason, time.perf_counter() - t_start)
+    temperature = _fit_temperature(s, run_dir) if rank == 0 and state["epoch"] > 0 else None
+    summary = _summary(s, stop_reason, time.perf_counter() - t_start, temperature)
     s.writer.finish(summary)
     if os.environ.get("INAT_RANK_DIGEST"):  # test hook: each rank's final step and weights
         _write_digest(s, Path(run_dir), rank)
     distributed.destroy()
-    return summary
+    return summary.to_dict()
 
 
-def _summary(s: Setup, stop_reason: str, wall: float) -> Dict[str, Any]:
-    state, hist, model = s.state, s.state["history"], s.model
+def _fit_temperature(s: Setup, run_dir: Path) -> float:
+    """Temperature scaling of the best checkpoint on the validation split (never the test folder).
+
+    The full model runs on the validation images whatever the training input was (cached
+    features or prefix views give no logits of the saved model); T is stored in best.pt and
+    last.pt, so predict, export, explain and detect report calibrated probabilities.
+    """
+    from inat.calibration import TEMPERATURE_KEY, fit_temperature
+    from inat.checkpoint import save_checkpoint
+    from inat.inference import batched_logits
+    from inat.models import model_from_state
+
+    ckpt_dir = run_dir / "checkpoints"
+    best = load_checkpoint(ckpt_dir / "best.pt")
+    model = model_from_state(best).to(s.device)
+    spec = model.spec
+    logits = batched_logits(model, np.asarray(s.data.images[s.data.val_idx]), spec.mean, spec.std, s.precision,
+                            batch_size=int(s.cfg.train.eval_batch_size), tta_flip=bool(s.cfg.aug.tta_flip),
+                            device=s.device, channels_last=False)
+    temperature = round(fit_temperature(logits, s.data.labels[s.data.val_idx]), 6)
+    for name in ("best.pt", "last.pt"):
+        state = best if name == "best.pt" else load_checkpoint(ckpt_dir / name)
+        state[TEMPERATURE_KEY] = temperature
+        save_checkpoint({k: v for k, v in state.items() if k != "format"}, ckpt_dir / name)
+    s.writer.say(f"temperature {temperature:.3f} fitted on the validation split (calibrated probabilities)")
+    return temperature
+
+
+def _summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[float]) -> Summary:
+    from inat.data.balance import imbalance
+
+    state, hist, model, data = s.state, s.state["history"], s.model, s.data
     _, world_size = world()
-    return {
-        "best_val_accuracy": state["best_val_accuracy"], "val_accuracy": hist[-1]["val_accuracy"] if hist else None,
-        "best_epoch": state["best_epoch"], "epochs": state["epoch"], "steps": state["step"], "stop_reason": stop_reason,
-        "train_images_per_sec": round(sum(h["images_per_sec"] for h in hist) / max(1, len(hist)), 1),
-        "train_seconds": round(state["train_seconds"], 2), "wall_seconds": round(wall, 2),
-        "cache_seconds": round(s.cache_seconds, 2), "params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "model": model.spec.name,
-        "classes": s.data.classes, "n_train": int(len(s.data.train_idx)), "n_val": int(len(s.data.val_idx)),
-        "device": str(s.device), "world_size": world_size, **s.precision.to_dict(), "input": s.source.kind,
-        "environment": environment(s.device), "config": s.writer.cfg_dict,
-    }
+    return Summary(
+        best_val_accuracy=state["best_val_accuracy"], val_accuracy=hist[-1]["val_accuracy"] if hist else None,
+        best_epoch=state["best_epoch"], epochs=state["epoch"], steps=state["step"], stop_reason=stop_reason,
+        train_images_per_sec=round(sum(h["images_per_sec"] for h in hist) / max(1, len(hist)), 1),
+        train_seconds=round(state["train_seconds"], 2), wall_seconds=round(wall, 2),
+        cache_seconds=round(s.cache_seconds, 2), params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), model=model.spec.name,
+        classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
+        world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
+        environment=environment(s.device), config=s.writer.cfg_dict,
+        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), "temperature": temperature})
 
 
 def _write_digest(s: Setup, run_dir: Path, rank: int) -> None:

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from inat.checkpoint import save_epoch_checkpoints
-from inat.runs import write_json, write_metrics
+from inat.run_folder import Summary, write_summary
+from inat.runs import write_metrics
 
 
 def environment(device: torch.device) -> Dict[str, Any]:
@@ -69,12 +70,13 @@ class RunWriter:
               f"val {record['val_accuracy']:.1%} (best {best:.1%})  {record['images_per_sec']:.0f} img/s  "
               f"{record['seconds']:.0f}s", flush=True)
 
-    def finish(self, summary: Dict[str, Any]) -> None:
+    def finish(self, summary: Summary) -> None:
+        """``summary.json``, the last file of a run, through the run-folder module's typed Summary."""
         if not self.is_main:
             return
-        write_json(self.run_dir / "summary.json", summary)
+        write_summary(self.run_dir, summary)
         if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in summary.items() if k != "config"})
+            self.wandb.summary.update({k: v for k, v in summary.to_dict().items() if k != "config"})
             self.wandb.finish()
 
 
