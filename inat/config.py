@@ -298,7 +298,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "finetune.bn": ("freeze_frozen", "train_all", "freeze_all"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("onecycle", "cosine", "constant"),
-    "train.precision": ("32", "fp32", "bf16", "bfloat16", "16", "fp16"),
+    "train.precision": ("auto", "32", "fp32", "bf16", "bfloat16", "16", "fp16"),
     "wandb.mode": ("online", "offline", "disabled"),
     "explain.what": ("grid", "filters", "guided_backprop", "confusion"),
     "explain.pick": ("random", "confident", "mistakes"),

@@ -90,12 +90,15 @@ def trained_run(tmp_path_factory):
 
 
 def test_test_mode_reports_calibration_recall_and_macro_f1(trained_run, tmp_path):
+    from inat.checkpoint import load_checkpoint
     from inat.evaluate import test_checkpoint
 
     root, ckpt = trained_run
     result = test_checkpoint(ckpt, tmp_path / "test", progress=False)
     cal = result["calibration"]
-    assert cal["bins"] == 15 and cal["temperature"] > 0 and cal["temperature_source"].startswith("validation")
+    # training fitted T on the validation split and stored it in the checkpoint
+    assert cal["bins"] == 15 and cal["temperature"] > 0 and cal["temperature_source"] == "checkpoint"
+    assert load_checkpoint(ckpt)["temperature"] == cal["temperature"]
     assert set(cal["before"]) == set(cal["after"]) == {"ece", "nll", "brier"}
     assert result["ece"] == cal["after"]["ece"] and (tmp_path / "test" / "reliability.png").is_file()
     assert set(result["per_class_recall"]) == set(result["classes"]) and 0 <= result["macro_f1"] <= 1
@@ -115,6 +118,7 @@ def test_the_val_temperature_never_reads_the_test_folder(trained_run, tmp_path):
     shutil.copytree(root / "train", copy / "train")  # no val/ (the test folder) at all
     state = load_checkpoint(ckpt)
     state["config"]["data"]["root"] = str(copy)
+    state.pop("temperature")  # an older checkpoint without one: test mode fits T on val itself
     model = model_from_state(state)
     t, source = checkpoint_or_val_temperature(state, model, torch.device("cpu"))
     assert source.startswith("validation") and t > 0
@@ -188,7 +192,9 @@ def test_report_shows_recall_macro_f1_and_ece_before_and_after(tmp_path):
             "calibration": {"bins": 15, "temperature": 1.8, "temperature_source": "checkpoint", "figure": "reliability.png",
                             "before": {"ece": 0.12, "nll": 1.2, "brier": 0.6},
                             "after": {"ece": 0.03, "nll": 1.0, "brier": 0.55}}}
-    html = quality_section(Run(tmp_path, {}, {}, [], [], test=test))
+    from inat.run_folder import RunRecord
+
+    html = quality_section(Run(RunRecord(tmp_path, None, test=test)))
     for text in ("Macro-F1 <b>35.0%</b>", "top3 90.0%", "<b>12.0%</b> with the raw softmax", "<b>3.0%</b> after",
                  "T = 1.80", "Reliability diagram", "25.0%"):
         assert text in html, text

@@ -54,7 +54,7 @@ def test_lite0_imagenet_weights_classify_a_dog():
     net = timm.create_model("tf_efficientnet_lite0")
     load_package_weights(net, "efficientnet_lite0")  # strict: every key renamed and used
     net.eval()
-    images = [decode_image(SHARED / "images" / f, spec.input_size, spec.interpolation, spec.extra["crop_pct"])
+    images = [decode_image(SHARED / "images" / f, spec.input_size, spec.interpolation, spec.crop_pct)
               for f in ("dog.jpg", "eagle.jpg")]
     x = to_float(torch.from_numpy(__import__("numpy").stack(images)), spec.mean, spec.std)  # (2, 3, 224, 224)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_spec_and_head_come_from_the_backbone(name, arch, size, mean, interp):
     model = create_model(model_cfg(name=name, arch=arch, pretrained=False), num_classes=7, image_size=96)
     assert model.head().out_features == 7
     assert (model.spec.input_size, tuple(model.spec.mean), model.spec.interpolation) == (size, mean, interp)
-    assert 0.8 < model.spec.extra["crop_pct"] <= 1.0
+    assert 0.8 < model.spec.crop_pct <= 1.0
     assert isinstance(model.first_conv(), nn.Conv2d)
     assert model.head() is list(model.layer_groups()[-1])[0]
 

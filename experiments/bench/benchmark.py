@@ -58,8 +58,14 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "experiments" / "bench" / "result.json"))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="inat_bench_"))
-    result: dict = {"data": a.data, "size": a.size, "host": platform.node(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    import torch
+
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+    result: dict = {"data": a.data, "size": a.size, "host": platform.node(), "cpu": cpu,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     # Build inat's decode cache first: it is paid once per dataset and size, not per run.
     code, wall, _ = run(inat_cmd(a.data, a.size, work / "warm", "train.epochs=1", "train.then_test=false"), work / "warm.log")
     assert code == 0, (work / "warm.log").read_text()[-2000:]
@@ -88,7 +94,15 @@ def main() -> None:
     test = json.loads((budget_dir / "test" / "test.json").read_text())
     summary = json.loads((budget_dir / "summary.json").read_text())
     result.update(inat_test_accuracy=test["accuracy"], inat_budget_epochs=summary["epochs"],
-                  inat_budget_train_seconds=summary["train_seconds"], inat_budget_wall_s=round(wall, 1))
+                  inat_budget_train_seconds=summary["train_seconds"], inat_budget_wall_s=round(wall, 1),
+                  inat_precision=summary.get("precision"), inat_precision_reason=summary.get("precision_reason"))
+    keep = Path(a.out).parent / "inat_budget_run"  # the run's compact evidence (no checkpoints)
+    (keep / "hydra").mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "metrics.csv", "test/test.json", ".hydra/config.yaml", ".hydra/overrides.yaml"):
+        src = budget_dir / name
+        if src.is_file():
+            dst = keep / Path(name.replace(".hydra/", "hydra/").replace("test/", ""))
+            dst.write_text(src.read_text().replace(str(budget_dir), "<run_dir>").replace(str(REPO.parent), "<work>"))
     if not a.skip_peer_accuracy:
         out = work / "peer_budget.json"
         code, wall, rss = run(peer_cmd(a.data, a.size, out, "--budget-s", str(a.budget_min * 60)), work / "peer_budget.log")

@@ -60,7 +60,7 @@ def main(split_file: Path, out: Path, size: int | None) -> None:
     feats, labels = {}, {}
     for name, (paths, ys) in sets.items():
         cache = load_or_build(paths, spec.input_size, interpolation=spec.interpolation,
-                              crop_pct=float(spec.extra["crop_pct"]), label=name)
+                              crop_pct=float(spec.crop_pct), label=name)
         feats[name] = features(backbone_fn, cache.images, spec)
         labels[name] = torch.tensor(ys)
     feature_seconds = time.perf_counter() - t0
