@@ -49,7 +49,8 @@ def main() -> None:
     a = p.parse_args()
     best = best_promoted(Path(a.promotion))
     work = Path(a.work)
-    run_dir, explain_dir = work / "best_full", work / "explain"
+    run_dir = work / "best_full"
+    explain_dir = run_dir / "explain"  # inside the run folder, where the report looks for its figures
     py = sys.executable
     t0 = time.time()
     run([py, "run.py", f"data.root={a.data}", f"data.image_size={a.size}", f"train.max_minutes={a.minutes}",
