@@ -186,7 +186,11 @@ def test_output_folder_hydra_cannot_write(capsys, monkeypatch, tmp_path, case):
 
 @pytest.mark.parametrize("args", [["model=scratch", "act=mish", "filters=doubling"], ["-m", "hydra/sweeper=optuna"],
                                   ["finetune=partial_k=3", "model=resnet50"], ["+mode=test", "ckpt=x"],
-                                  ["train.epochs=3", "train.lr=0.01", "data.sha256=" + "a" * 64]])
+                                  ["train.epochs=3", "train.lr=0.01", "data.sha256=" + "a" * 64],
+                                  # every documented choice passes: Grad-CAM, calibration-era and lr_find keys
+                                  ["+mode=explain", "ckpt=x", "explain.what=[grid,gradcam]", "explain.cam_method=gradcam++"],
+                                  ["train.class_weights=auto", "train.balanced_sampler=true", "train.precision=auto"],
+                                  ["+mode=lr_find", "lr_find.rule=min_over_10"]])
 def test_the_design_card_commands_pass_the_check(args):
     """The checks refuse nonsense only: the card's commands compose and validate."""
     from inat.cli import check_command, check_overrides, rewrite_shorthand

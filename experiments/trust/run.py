@@ -4,7 +4,8 @@
    mode's ECE before / after the temperature fitted on the validation split; its Grad-CAM grid.
 2. ``+mode=lr_find`` for the scratch CNN on imagewoof10 at 64 px, then two 4-epoch runs, the
    default train.lr and the suggestion, tested once each.
-(The scratch CNN's Grad-CAM grid on imagewoof10 comes from experiments/partA/chain.py.)
+3. The Grad-CAM grid of the scratch CNN trained by experiments/partA/chain.py (the sweep's best
+   configuration on imagewoof10), when that run is there.
 
     python experiments/trust/run.py
 """
@@ -35,11 +36,11 @@ def load(path: Path) -> dict:
 
 def main() -> None:
     work = REPO / "outputs" / "trust"
-    shutil.rmtree(work, ignore_errors=True)
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M")}
     lite = work / "lite0_probe"
-    run(["model=efficientnet_lite0", "finetune=linear_probe", "train.epochs=3", "train.max_minutes=0",
-         f"data.root={SHARED / 'flowers5'}", "wandb.mode=disabled", f"hydra.run.dir={lite}"])
+    if not (lite / "test" / "test.json").is_file():  # a finished probe run is reused
+        run(["model=efficientnet_lite0", "finetune=linear_probe", "train.epochs=3", "train.max_minutes=0",
+             f"data.root={SHARED / 'flowers5'}", "wandb.mode=disabled", f"hydra.run.dir={lite}"])
     run(["+mode=explain", f"ckpt={lite / 'checkpoints/best.pt'}", "explain.what=[gradcam]",
          f"hydra.run.dir={lite / 'explain'}"])
     test = load(lite / "test" / "test.json")
@@ -61,6 +62,11 @@ def main() -> None:
         run([*woof, "train.epochs=4", "train.max_minutes=0", f"train.lr={lr}", f"hydra.run.dir={d}"])
         out[name] = {"lr": lr, "test_accuracy": load(d / "test" / "test.json")["accuracy"],
                      "best_val_accuracy": load(d / "summary.json")["best_val_accuracy"]}
+    chain = REPO / "outputs" / "partA_chain" / "best_full" / "checkpoints" / "best.pt"
+    if chain.is_file():
+        run(["+mode=explain", f"ckpt={chain}", "explain.what=[gradcam]", f"hydra.run.dir={work / 'scratch_cam'}"])
+        shutil.copy(work / "scratch_cam" / "gradcam.png", HERE / "gradcam_scratch_woof.png")
+        out["scratch_gradcam"] = load(work / "scratch_cam" / "explain.json").get("gradcam")
     out["finished"] = time.strftime("%Y-%m-%d %H:%M")
     out["command"] = "python experiments/trust/run.py"
     (HERE / "results.json").write_text(json.dumps(out, indent=1))
