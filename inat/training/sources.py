@@ -45,6 +45,19 @@ def gpu_resident_bytes(device: torch.device) -> int:
     return free // 3
 
 
+class IndexedRows:
+    """``array[idx]`` read one slice of ``idx`` at a time, so a memory map is never copied whole."""
+
+    def __init__(self, array: np.ndarray, idx: np.ndarray) -> None:
+        self.array, self.idx = array, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.array[self.idx[rows]])
+
+
 class ImageSource:
     """Augmented images; on a GPU the whole uint8 cache is copied there once when it fits.
 
@@ -170,12 +183,11 @@ class PrefixViewSource:
         views, train_idx, val_idx = int(ft_cfg.cache_views), data.train_idx, data.val_idx
         labels = torch.from_numpy(data.labels)
 
-        def run(idx: np.ndarray, prepare) -> torch.Tensor:
-            return forward_batches(prefix, data.images[idx] if len(idx) else data.images[:0], prepare, precision,
+        def run(idx: np.ndarray, prepare, desc: Optional[str] = None) -> torch.Tensor:
+            return forward_batches(prefix, IndexedRows(data.images, idx), prepare, precision,
                                    batch_size=eval_batch_size, device=device, out_dtype=torch.bfloat16,
-                                   progress=desc[0])
+                                   progress=desc)
 
-        desc = [None]
         with eval_mode(model):
             probe = run(train_idx[:2], norm)
             per_item = probe[0].numel() * 2
@@ -198,10 +210,8 @@ class PrefixViewSource:
                     targets.append(y.cpu())
                     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-                desc[0] = f"frozen prefix, view {v + 1}/{views}" if progress else None
-                train_x.append(run(train_idx, augmented))
+                train_x.append(run(train_idx, augmented, f"frozen prefix, view {v + 1}/{views}" if progress else None))
                 train_y.append(torch.cat(targets))
-            desc[0] = None
             self.val_x = run(val_idx, norm)
             self.val_flip = run(val_idx, lambda u8: norm(u8).flip(3)) if tta_flip else None
         self.train_x, self.train_y = torch.stack(train_x), torch.stack(train_y)  # (V, n_train, ...), CPU
