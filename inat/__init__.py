@@ -1,8 +1,8 @@
 """inat: train, tune, test and explain image classifiers on folders of photos.
 
 ``inat.run(cfg)`` is the only entry point ``run.py`` uses; it dispatches on ``cfg.mode.name``
-to a function ``(cfg, out_dir) -> float | None`` imported lazily, so ``import inat`` stays
-light and a mode's heavy dependencies load only when that mode runs.
+to ``inat/modes/<name>.py``'s ``run(cfg, out_dir) -> float | None``, imported lazily, so
+``import inat`` stays light and a mode's heavy dependencies load only when that mode runs.
 """
 from __future__ import annotations
 
@@ -14,20 +14,10 @@ from typing import Optional
 
 __version__ = "0.1.0"
 
-MODES = {
-    "train": "inat.jobs:train_mode",
-    "test": "inat.evaluate:test_mode",
-    "download": "inat.data.download:download_mode",
-    "audit": "inat.data.audit:audit_mode",
-    "info": "inat.models.info:info_mode",
-    "explain": "inat.explain:explain_mode",
-    "report": "inat.report:report_mode",
-    "sweep_report": "inat.sweep.report:sweep_report_mode",
-    "predict": "inat.predict:predict_mode",
-    "export": "inat.export:export_mode",
-    "detect": "inat.detect:detect_mode",
-    "lr_find": "inat.lr_find:lr_find_mode",
-}
+from inat.modes import NAMES as _MODE_NAMES  # noqa: E402 - a light module (no Hydra or torch at import)
+
+# mode name -> "module:function"; every command's entry file is inat/modes/<name>.py (see inat.modes).
+MODES = {name: f"inat.modes.{name}:run" for name in _MODE_NAMES}
 
 
 def output_dir() -> Path:

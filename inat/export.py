@@ -226,15 +226,3 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
               "ckpt": str(Path(ckpt).resolve()), "bytes": final.stat().st_size, "metadata": metadata}
     write_json(out_dir / "export.json", result)
     return result
-
-
-def export_mode(cfg: DictConfig, out_dir: Path) -> None:
-    """``+mode=export ckpt=PATH [export.format=onnx|torchscript]``: the verified file plus export.json."""
-    e = cfg.export
-    result = export_checkpoint(cfg.ckpt, out_dir, fmt=str(e.format), verify_images=int(e.verify_images),
-                               opset=int(e.opset), onnx_exporter=str(e.onnx_exporter), tolerance=float(e.tolerance),
-                               calibrated=bool(e.calibrated))
-    opset = f", opset {result['opset']}" if result["opset"] is not None else ""
-    print(f"exported {result['format']}{opset}: max |logit difference| to PyTorch {result['max_abs_diff']:.2e} "
-          f"on {result['n_images']} images from {result['images']}")
-    print(f"wrote {result['path']} and {Path(out_dir) / 'export.json'}")

@@ -73,8 +73,12 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> Dict[str, Optional[float]]
     return out
 
 
-def find_lr(cfg: Any, out_dir: Path, progress: bool = True) -> Dict[str, Any]:
-    """Run the range test for the composed ``cfg``; writes lr_find.json and lr_find.png into ``out_dir``."""
+def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Run the range test for the composed ``cfg``; writes lr_find.json and lr_find.png into ``out_dir``.
+
+    ``overrides`` are the command's own (``model=... finetune=...``); the suggested training
+    command repeats them.
+    """
     from inat.data.augment import BatchAugment
     from inat.data.folder import scan_train
     from inat.models import build_from_config
@@ -153,7 +157,7 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True) -> Dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "suggestion": suggestion, "rule": lf.rule, "rule_says": RULES[lf.rule], "candidates": candidates,
-        "command": suggested_command(suggestion), "stop": stop, "steps": n,
+        "command": suggested_command(suggestion, overrides), "stop": stop, "steps": n,
         "epoch_fraction": round(n * bs / len(data.train_idx), 4), "batch_size": bs, "model": spec.name,
         "finetune": cfg.finetune.strategy, "train_lr": reference,
         "group_lr_ratios": [round(g["base_lr"] / reference, 6) for g in optimizer.param_groups],
@@ -167,18 +171,10 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True) -> Dict[str, Any]:
     return result
 
 
-def suggested_command(lr: float) -> str:
-    """``python run.py <this command's overrides> train.lr=LR``, without the lr_find ones."""
-    overrides: List[str] = []
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            overrides = [o for o in HydraConfig.get().overrides.task
-                         if not o.startswith(("+mode=", "mode=", "lr_find.", "train.lr=", "hydra.run.dir="))]
-    except ImportError:
-        pass
-    return " ".join(["python run.py", *overrides, f"train.lr={lr:.2g}"])
+def suggested_command(lr: float, overrides: Sequence[str] = ()) -> str:
+    """``python run.py <the command's overrides> train.lr=LR``, without the lr_find ones."""
+    kept = [o for o in overrides if not o.startswith(("+mode=", "mode=", "lr_find.", "train.lr=", "hydra.run.dir="))]
+    return " ".join(["python run.py", *kept, f"train.lr={lr:.2g}"])
 
 
 def plot_lr_find(result: Dict[str, Any], out: Path) -> Path:
@@ -207,12 +203,3 @@ def plot_lr_find(result: Dict[str, Any], out: Path) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
-
-
-def lr_find_mode(cfg: Any, out_dir: Path) -> None:
-    """``+mode=lr_find [model=... finetune=... lr_find.rule=...]``: the plot, the JSON and the command."""
-    result = find_lr(cfg, out_dir)
-    print(f"lr_find: suggested train.lr={result['suggestion']:.2g} ({result['rule']}: {result['rule_says']}); "
-          f"{result['steps']} batches, {result['epoch_fraction']:.0%} of an epoch, {result['stop']}")
-    print(f"wrote {Path(out_dir) / 'lr_find.png'} and {Path(out_dir) / 'lr_find.json'}")
-    print(f"train with: {result['command']}")

@@ -177,14 +177,3 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
         bar.close()
     result.path = final
     return result
-
-
-def predict_mode(cfg: DictConfig, out_dir: Path) -> None:
-    """``+mode=predict ckpt=PATH predict.inputs=[PATH,...]``: top-k classes per image, as text and JSONL."""
-    p = cfg.predict
-    result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=int(p.top_k), tta=bool(p.tta),
-                            batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision,
-                            calibrated=bool(p.calibrated))
-    skipped = f"; skipped {len(result.skipped)} unreadable file(s)" if result.skipped else ""
-    calibration = f"calibrated, T={result.temperature:.2f}" if result.temperature is not None else "raw softmax"
-    print(f"scored {len(result.records)} image(s){skipped} ({calibration}); wrote {result.path}")

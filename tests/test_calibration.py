@@ -91,7 +91,7 @@ def trained_run(tmp_path_factory):
 
 def test_test_mode_reports_calibration_recall_and_macro_f1(trained_run, tmp_path):
     from inat.checkpoint import load_checkpoint
-    from inat.evaluate import test_checkpoint
+    from inat.holdout import test_checkpoint
 
     root, ckpt = trained_run
     result = test_checkpoint(ckpt, tmp_path / "test", progress=False)
@@ -110,7 +110,7 @@ def test_test_mode_reports_calibration_recall_and_macro_f1(trained_run, tmp_path
 def test_the_val_temperature_never_reads_the_test_folder(trained_run, tmp_path):
     """Fitting on val works with the test folder gone, and lowers (never raises) val NLL."""
     from inat.checkpoint import load_checkpoint
-    from inat.evaluate import checkpoint_or_val_temperature, validation_logits
+    from inat.holdout import checkpoint_or_val_temperature, validation_logits
     from inat.models import model_from_state
 
     root, ckpt = trained_run
@@ -128,8 +128,26 @@ def test_the_val_temperature_never_reads_the_test_folder(trained_run, tmp_path):
     assert checkpoint_or_val_temperature(state, model, torch.device("cpu")) == (1.7, "checkpoint")
 
 
+def test_a_changed_train_folder_gives_no_temperature_not_a_traceback(trained_run, capsys):
+    """The rebuilt validation split must hash to the run's; a mismatch is one sentence (it was a NameError)."""
+    from inat.checkpoint import load_checkpoint
+    from inat.errors import InatError
+    from inat.holdout import checkpoint_or_val_temperature, validation_logits
+    from inat.models import model_from_state
+
+    _, ckpt = trained_run
+    state = load_checkpoint(ckpt)
+    state.pop("temperature")
+    state["split_sha1"]["val"] = ["0" * 40] * len(state["split_sha1"]["val"])
+    model = model_from_state(state)
+    with pytest.raises(InatError, match="differs from the run's"):
+        validation_logits(state, model, torch.device("cpu"))
+    assert checkpoint_or_val_temperature(state, model, torch.device("cpu")) == (None, "none")
+    assert "the train folder changed since training" in capsys.readouterr().out
+
+
 def test_class_scores_by_hand():
-    from inat.evaluate import class_scores
+    from inat.holdout import class_scores
 
     confusion = np.array([[3, 1, 0], [0, 0, 2], [0, 0, 0]])  # class 2 has no test images, class 1 is never right
     s = class_scores(confusion, ["a", "b", "c"])

@@ -57,7 +57,7 @@ def test_scratch_onnx_export_matches_pytorch_and_carries_its_preprocessing(scrat
     import onnxruntime as ort
 
     from inat.data.images import decode_image, to_float
-    from inat.export import export_mode
+    from inat.modes.export import run as export_mode
     from inat.models import model_from_checkpoint
 
     out = tmp_path / "out"

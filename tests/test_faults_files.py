@@ -165,7 +165,7 @@ def test_no_mode_executes_code_from_a_checkpoint(capsys, data, tmp_path, consume
     _tampered("code_in_pickle", good, bad, marker)
     out = tmp_path / "out"
     if consumer == "test":
-        from inat.evaluate import test_checkpoint
+        from inat.holdout import test_checkpoint
         run = lambda: test_checkpoint(bad, out, progress=False)  # noqa: E731
     elif consumer == "predict":
         from inat.predict import predict_images
@@ -230,7 +230,7 @@ def test_every_path_that_scores_the_test_folder_checks_for_leaks(capsys, data, t
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt", root, classes=CLASSES)
     out = tmp_path / "out"
     if path == "test":
-        from inat.evaluate import test_checkpoint
+        from inat.holdout import test_checkpoint
         run = lambda: test_checkpoint(ckpt, out, progress=False)  # noqa: E731
     elif path == "explain":
         from inat.explain import explain_checkpoint
@@ -745,10 +745,10 @@ def test_ctrl_c_is_one_sentence(capsys, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("case", ["no_test_folder", "unknown_test_class"])
 def test_train_mode_checks_the_test_folder_before_training(capsys, data, tmp_path, monkeypatch, case):
-    """``jobs.train_mode`` refuses before ``fit`` is called (fit is replaced by a tripwire here)."""
+    """The train command (``inat.modes.train``) refuses before ``fit`` is called (fit is replaced by a tripwire here)."""
     import inat.training
     from inat.config import Config
-    from inat.jobs import train_mode
+    from inat.modes.train import run as train_mode
 
     root = copy_data(data, tmp_path)
     if case == "no_test_folder":

@@ -56,7 +56,7 @@ def read_jsonl(path: Path) -> list:
 
 
 def test_folder_with_a_corrupt_file_warns_counts_and_scores_the_rest(setup, tmp_path, capsys):
-    from inat.predict import predict_mode
+    from inat.modes.predict import run as predict_mode
 
     ckpt, inputs = setup
     out = tmp_path / "out"
@@ -77,7 +77,7 @@ def test_folder_with_a_corrupt_file_warns_counts_and_scores_the_rest(setup, tmp_
 def test_jsonl_schema_and_the_checkpoints_preprocessing(setup, tmp_path):
     from inat.data.images import decode_image, to_float
     from inat.models import model_from_checkpoint
-    from inat.predict import predict_mode
+    from inat.modes.predict import run as predict_mode
 
     ckpt, inputs = setup
     image = inputs / "class_2" / "train_2_0.png"

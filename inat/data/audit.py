@@ -14,7 +14,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import time
@@ -417,19 +416,3 @@ def format_summary(report: Dict[str, Any]) -> str:
         for kind in ("across_splits", "across_classes", "within_class"):
             _show(lines, [f"[{names[kind].split(' (')[0]}] " + " = ".join(g["files"]) for g in table[kind]])
     return "\n".join(lines)
-
-
-def audit_mode(cfg: Any, out_dir: Path) -> None:
-    """``+mode=audit``: audit ``data.root``, print the summary and write ``out_dir/audit.json``.
-
-    Uses ``data.workers`` processes (0 = one per CPU). The audit reports problems; it does
-    not fail on them, so its exit code is 0 unless the root itself is missing.
-    """
-    workers = cfg.data.workers or os.cpu_count() or 1
-    report = audit_dataset(Path(cfg.data.root), workers=workers)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "audit.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_summary(report))
-    print(f"\nWrote {path}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from inat.errors import InatError
 
@@ -327,40 +326,29 @@ def ensure_dataset(data_cfg: Any) -> Path:
     raise InatError(f"Dataset root '{root}' does not exist.")
 
 
-def download_mode(cfg: Any, out_dir: Path) -> None:
-    """``+mode=download``: fetch and extract ``data.url`` into ``data.root``; write download.json.
+def fetch_dataset(root: Path, url: str, sha256: Optional[str] = None) -> Dict[str, Any]:
+    """Fetch and extract ``url`` into ``root`` (``prepare_dataset``) and return download.json's record.
 
     The record holds the URL, the root, the archive path, its size in bytes and its sha256
-    as computed here (null when the root was already present and no archive is kept), and
-    whether anything was downloaded. Paste the printed sha256 into ``data.sha256`` to pin it.
+    as computed here (null when the root was already present and no archive is kept), whether
+    anything was downloaded or extracted, and the seconds it took.
     """
-    root = Path(cfg.data.root)
-    url = cfg.data.url
+    root = Path(root)
     zip_path = archive_path(root, url)
     was_present = is_dataset_root(root)
     had_archive = zip_path.exists()
     started = time.perf_counter()
-    prepare_dataset(root, url, cfg.data.sha256)
+    prepare_dataset(root, url, sha256)
     seconds = time.perf_counter() - started
     kept = zip_path.exists()
-    record = {
+    return {
         "url": url,
         "root": str(root.resolve()),
         "archive": str(zip_path.resolve()) if kept else None,
         "bytes": zip_path.stat().st_size if kept else None,
         "sha256": sha256_file(zip_path) if kept else None,
+        "reused_archive": had_archive and not was_present,
         "downloaded": not was_present and not had_archive,
         "extracted": not was_present,
         "seconds": round(seconds, 2),
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "download.json").write_text(json.dumps(record, indent=2) + "\n")
-    if was_present:
-        print(f"Dataset root '{root}' already has train/ and a test folder: nothing to do.")
-    else:
-        action = "reused" if had_archive else f"downloaded {record['bytes']:,} bytes from {url} into"
-        print(f"{action.capitalize()} '{zip_path}' and extracted it to '{root}' in {seconds:.1f} s.")
-    if record["sha256"]:
-        print(f"sha256 {record['sha256']} (set data.sha256 to pin it)")
-    print(f"Wrote {out_dir / 'download.json'}")

@@ -313,9 +313,3 @@ def print_summary(summary: Dict[str, Any], out_dir: Path) -> None:
         print(f"  {alert['class']} (track {alert['track']}) in {alert['source']} from frame {alert['frame']}")
     print(f"speed: {summary['detector_frames_per_second']} frames/s detector, "
           f"{summary['overall_frames_per_second']} frames/s overall at size {summary['size']}")
-
-
-def detect_mode(cfg: Any, out_dir: Path) -> None:
-    """``+mode=detect``: watch ``cfg.detect.inputs`` for ``cfg.detect.watch`` classes, write into ``out_dir``."""
-    summary = watch(cfg.detect, Path(out_dir))
-    print_summary(summary, Path(out_dir))

@@ -16,7 +16,7 @@ from inat.errors import InatError
 
 WHAT = ("grid", "filters", "guided_backprop", "confusion", "gradcam")
 
-__all__ = ["explain_mode", "explain_checkpoint", "WHAT"]
+__all__ = ["explain_checkpoint", "WHAT"]
 
 
 def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] = WHAT, data_root: Optional[str] = None,
@@ -104,23 +104,3 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     result["seconds"] = round(time.time() - start, 1)
     write_json(out_dir / "explain.json", result)
     return result
-
-
-def explain_mode(cfg: Any, out_dir: Path) -> None:
-    """``+mode=explain``: figures for ``ckpt`` into the Hydra output folder.
-
-    The data root is the checkpoint's own unless ``data.root`` is among the command's
-    overrides (as in test mode).
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    e = cfg.explain
-    overridden = HydraConfig.initialized() and any(o.startswith("data.root=") for o in HydraConfig.get().overrides.task)
-    root = str(cfg.data.root) if overridden else None
-    result = explain_checkpoint(cfg.ckpt, out_dir, what=list(e.what), data_root=root, pick=e.pick, seed=int(e.seed),
-                                per_class=int(e.per_class), neurons=list(e.neurons) if e.neurons else None,
-                                n_neurons=int(e.n_neurons), image=e.image, batch_size=int(e.batch_size),
-                                cam_method=str(e.cam_method))
-    acc = result.get("test_accuracy")
-    line = f" (test accuracy {100 * acc:.1f}% on {result['n']} images)" if acc is not None else ""
-    print(f"explain: {', '.join(result['figures'].values())} in {out_dir}{line}", flush=True)

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from inat.errors import InatError
 
-__all__ = ["report_mode", "build_report"]
+__all__ = ["build_report"]
 
 
 def _explain_best(run, work_dir: Path, allow: bool) -> tuple[Optional[Dict[str, Any]], Optional[Path]]:
@@ -116,15 +116,3 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
     return {"out": str(out_file), "runs": len(trained), "sweeps": len(sweeps), "best_run": best.name if best else None,
             "best_val_accuracy": best.val if best else None, "test_accuracy": test,
             "explain_dir": str(explain_dir) if explain_dir else None}
-
-
-def report_mode(cfg: Any, out_dir: Path) -> None:
-    """``+mode=report``: the HTML report at ``report.out`` (relative to the current directory)."""
-    from inat.report.html import pct
-
-    r = cfg.report
-    result = build_report(list(r.inputs), Path(r.out), out_dir, title=str(r.title), explain=bool(r.explain))
-    size_kb = Path(result["out"]).stat().st_size / 1024
-    print(f"report: {result['out']} ({size_kb:.0f} KB; {result['runs']} runs, {result['sweeps']} sweeps; "
-          f"best {result['best_run']} val {pct(result['best_val_accuracy'])} test {pct(result['test_accuracy'])})",
-          flush=True)

@@ -100,18 +100,3 @@ first level coded 0; numeric keys: Spearman; others: correlation ratio eta (0..1
 <h2>5. Observations</h2><ul>{obs}</ul>
 <h2>Trials</h2><table><tr><th>trial</th><th>state</th><th>best val acc (%)</th><th>epochs</th><th>train s</th><th>params</th></tr>{trials}</table>
 </body></html>"""
-
-
-def sweep_report_mode(cfg: Any, out_dir: Path) -> None:
-    """``+mode=sweep_report sweep.dir=SWEEP_DIR``: write the report files into SWEEP_DIR."""
-    if not cfg.sweep.dir:
-        raise InatError("sweep_report needs the sweep folder: python run.py +mode=sweep_report sweep.dir=SWEEP_DIR")
-    sweep_dir = Path(cfg.sweep.dir)
-    if not sweep_dir.is_dir():
-        raise InatError(f"sweep.dir '{sweep_dir}' is not a folder.")
-    summary = build_report(sweep_dir, cfg.sweep.get("storage"), cfg.sweep.get("study_name"))
-    print(f"sweep report: {sweep_dir / 'sweep_report.html'} ({', '.join(summary['files'].values())})")
-    for o in summary["observations"]:
-        print(f"- {o['text']}")
-    if summary["best"]:
-        print(f"best: {summary['best']['command']}")

@@ -1,6 +1,7 @@
-"""Test mode: score a checkpoint on the test folder once, behind a leakage guard.
+"""The held-out score: a checkpoint scored on the test folder once, behind the leakage guard.
 
-``+mode=test ckpt=PATH`` rebuilds the model from the checkpoint's own config, decodes the
+Named apart from validation (``training.sources``' ``evaluate``), which never sees this
+folder. ``test_checkpoint`` (what ``+mode=test ckpt=PATH`` and the default job call) rebuilds the model from the checkpoint's own config, decodes the
 test folder with the model's preprocessing, refuses to score if any test image is
 byte-identical to an image the run trained or validated on, and writes ``test.json``
 with accuracy, top-k, per-class recall and F1, macro-F1, and calibration (ECE, NLL, Brier
@@ -16,10 +17,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from inat.checkpoint import load_checkpoint
 from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check_leakage re-exported
+from inat.errors import InatError
 from inat.models import model_from_state
 from inat.runs import write_json
 from inat.inference import batched_logits, pick_device, process_precision
@@ -53,7 +55,7 @@ def top_k_accuracy(logits: torch.Tensor, labels: np.ndarray, ks: Tuple[int, ...]
 
 
 def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: torch.device,
-                      progress: bool = False) -> Tuple[torch.Tensor, np.ndarray]:
+                      progress: bool = False, precision: str = "auto") -> Tuple[torch.Tensor, np.ndarray]:
     """Logits and labels of the run's validation split, rebuilt from train/ (never the test folder).
 
     The split is recomputed from the checkpoint's config (stratified, seeded) and must hash
@@ -72,13 +74,13 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
         raise InatError(f"The validation split rebuilt from '{root}/train' differs from the run's, so no temperature "
                         f"can be fitted; the train folder changed since training.")
     logits = batched_logits(model, data.images[data.val_idx], spec.mean, spec.std,
-                            process_precision("auto", device, announce=False), batch_size=int(cfg.train.eval_batch_size),
+                            process_precision(precision, device, announce=False), batch_size=int(cfg.train.eval_batch_size),
                             tta_flip=bool(cfg.aug.tta_flip), device=device, channels_last=bool(cfg.train.channels_last))
     return logits, data.labels[data.val_idx]
 
 
-def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module,
-                                  device: torch.device) -> Tuple[Optional[float], str]:
+def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module, device: torch.device,
+                                  precision: str = "auto") -> Tuple[Optional[float], str]:
     """``(temperature, where it came from)``: the checkpoint's, else fitted on the validation split.
 
     None when neither is possible (the train folder is gone): test mode then reports the
@@ -90,7 +92,7 @@ def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module,
     if saved is not None:
         return saved, "checkpoint"
     try:
-        logits, labels = validation_logits(state, model, device)
+        logits, labels = validation_logits(state, model, device, precision=precision)
     except (InatError, OSError) as err:
         print(f"no temperature: the checkpoint has none and the validation split is unavailable ({err})", flush=True)
         return None, "none"
@@ -133,7 +135,7 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
               "loss": float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))}
     result["top_k_accuracy"] = top_k_accuracy(logits, y)
     result.update(class_scores(confusion, classes))
-    result.update(calibration_section(logits, y, *checkpoint_or_val_temperature(state, model, device), Path(out_dir)))
+    result.update(calibration_section(logits, y, *checkpoint_or_val_temperature(state, model, device, precision), Path(out_dir)))
     write_json(Path(out_dir) / "test.json", result)
     return result
 
@@ -153,26 +155,3 @@ def calibration_section(logits: torch.Tensor, labels: np.ndarray, temperature: O
     reliability_diagram(curves, labels, out_dir / "reliability.png", title="Test reliability")
     return {**(after or before), "calibration": {"bins": ECE_BINS, "temperature": temperature, "temperature_source": source,
                                                  "before": before, "after": after, "figure": "reliability.png"}}
-
-
-def print_test(result: Dict[str, Any]) -> None:
-    """Human summary of a test.json dict."""
-    print(f"test accuracy {result['accuracy']:.1%} on {result['n']} images ({result['data_root']})")
-    cal = result.get("calibration")
-    if cal:
-        after = f", after T={cal['temperature']:.2f} {cal['after']['ece']:.1%}" if cal.get("after") else ""
-        f1 = "-" if result.get("macro_f1") is None else f"{result['macro_f1']:.3f}"
-        print(f"macro-F1 {f1}; ECE ({cal['bins']} bins) {cal['before']['ece']:.1%}{after}")
-    for name, acc in result["per_class_accuracy"].items():
-        print(f"  {name:<24} {'-' if acc is None else f'{acc:.1%}'}")
-
-
-def test_mode(cfg: DictConfig, out_dir: Path) -> None:
-    """``+mode=test ckpt=PATH [data.root=ROOT]``: writes test.json into the output folder."""
-    from hydra.core.hydra_config import HydraConfig
-
-    overridden_root = any(o.startswith("data.root=") for o in HydraConfig.get().overrides.task)
-    result = test_checkpoint(cfg.ckpt, out_dir, cfg.data.root if overridden_root else None,
-                             precision=cfg.train.precision)
-    print_test(result)
-    print(f"wrote {Path(out_dir) / 'test.json'}")

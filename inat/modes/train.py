@@ -1,16 +1,14 @@
-"""The default job: train, then (outside sweeps) test the best checkpoint and summarise."""
+"""``python run.py [overrides]``: train, then (outside sweeps) test the best checkpoint once."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
-from omegaconf import DictConfig
+from typing import Any, Optional
 
 from inat.runs import in_multirun, world
 
 
-def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
-    """``python run.py [overrides]``; returns best validation accuracy for Optuna.
+def run(cfg: Any, out_dir: Path) -> Optional[float]:
+    """Returns the best validation accuracy, the value an Optuna sweep maximises.
 
     Sweep trials never read the test folder, whatever ``train.then_test`` says.
     """
@@ -20,7 +18,7 @@ def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
     will_test = bool(cfg.train.then_test) and not in_multirun()
     if will_test and rank == 0 and (Path(cfg.data.root) / "train").is_dir():
         # Folder names only, before the whole training: a missing test folder or a test class
-        # train/ lacks used to surface after summary.json was written.
+        # train/ lacks would otherwise surface after summary.json was written.
         from inat.data.folder import check_test_folder, scan_train
 
         check_test_folder(Path(cfg.data.root), scan_train(Path(cfg.data.root)).classes)
@@ -36,9 +34,11 @@ def train_mode(cfg: DictConfig, out_dir: Path) -> Optional[float]:
         print(f"best val accuracy {summary['best_val_accuracy']:.1%} at epoch {summary['best_epoch']} "
               f"({summary['stop_reason']}); {summary['train_images_per_sec']:.0f} img/s; run folder {out_dir}")
         if will_test:
-            from inat.evaluate import print_test, test_checkpoint
+            from inat.holdout import test_checkpoint
+            from inat.modes.test import print_test
+            from inat.run_folder import BEST, TEST_DIR
 
-            result = test_checkpoint(Path(out_dir) / "checkpoints" / "best.pt", Path(out_dir) / "test",
+            result = test_checkpoint(Path(out_dir) / BEST, Path(out_dir) / TEST_DIR,
                                      precision=cfg.train.precision)
             print_test(result)
     return float(summary["best_val_accuracy"])

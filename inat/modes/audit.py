@@ -1,0 +1,21 @@
+"""``python run.py +mode=audit [data.root=ROOT]``: audit the dataset root; print the summary, write audit.json.
+
+Uses ``data.workers`` processes (0 = one per CPU). The audit reports problems; it does not
+fail on them, so its exit code is 0 unless the root itself is missing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def run(cfg: Any, out_dir: Path) -> None:
+    from inat.data.audit import audit_dataset, format_summary
+    from inat.runs import write_json
+
+    report = audit_dataset(Path(cfg.data.root), workers=cfg.data.workers or os.cpu_count() or 1)
+    path = Path(out_dir) / "audit.json"
+    write_json(path, report)
+    print(format_summary(report))
+    print(f"\nWrote {path}")

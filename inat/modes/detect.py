@@ -1,0 +1,12 @@
+"""``python run.py +mode=detect detect.inputs=[...] detect.watch=[...]``: the YOLOv3 camera-trap watcher."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def run(cfg: Any, out_dir: Path) -> None:
+    from inat.detect import print_summary, watch
+
+    summary = watch(cfg.detect, Path(out_dir))
+    print_summary(summary, Path(out_dir))

@@ -1,0 +1,17 @@
+"""``python run.py +mode=predict ckpt=PATH predict.inputs=[PATH,...]``: top-k classes per image, as text and JSONL."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def run(cfg: Any, out_dir: Path) -> None:
+    from inat.predict import predict_images
+
+    p = cfg.predict
+    result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=int(p.top_k), tta=bool(p.tta),
+                            batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision,
+                            calibrated=bool(p.calibrated))
+    skipped = f"; skipped {len(result.skipped)} unreadable file(s)" if result.skipped else ""
+    calibration = f"calibrated, T={result.temperature:.2f}" if result.temperature is not None else "raw softmax"
+    print(f"scored {len(result.records)} image(s){skipped} ({calibration}); wrote {result.path}")
