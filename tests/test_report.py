@@ -227,3 +227,22 @@ def test_provenance_reads_the_runs_own_environment(budget_sweep):
     assert env["cpu"] == "Test EPYC (16 logical CPUs)"
     unrecorded = run_provenance(load_run(budget_sweep / "0", sweep="woof"), machine)["env"]
     assert unrecorded["torch"] == "0.0-report (report machine)"
+
+
+@pytest.mark.parametrize("counts,config,expected", [
+    ([100, 100, 98], {}, "balanced enough"),
+    ([300, 100, 90], {}, "used neither a class-weighted loss"),
+    ([300, 100, 90], {"train": {"class_weights": "auto"}}, "the run used class-weighted loss"),
+    ([300, 100, 90], {"train": {"balanced_sampler": True}}, "the run used class-balanced sampling"),
+])
+def test_the_report_says_how_balanced_the_training_split_was(tmp_path, counts, config, expected):
+    """summary.json has carried class_counts since class weighting existed; the report now reads them."""
+    from inat.data.balance import imbalance
+    from inat.report.collect import Run
+    from inat.report.sections import quality_section
+    from inat.run_folder import RunRecord, Summary
+
+    labels = np.repeat(np.arange(len(counts)), counts)
+    summary = Summary(stop_reason="epochs", extra=imbalance(labels, len(counts)))
+    html = quality_section(Run(RunRecord(tmp_path, summary, config=config)))
+    assert f"{min(counts):,} to {max(counts):,} images per class" in html and expected in html

@@ -23,6 +23,7 @@ import torch
 from inat.detect.detector import Detection, Detector, check_class_names
 from inat.detect.track import LoiterTracker, Track
 from inat.errors import InatError
+from inat.runs import write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg"}
@@ -285,9 +286,16 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
         "overall_frames_per_second": round(frames_done / wall, 2) if wall else None,
         "size": int(detect_cfg.size),
         "watch": sorted(watched),
+        "environment": _environment(detector.device),  # the speed is this machine's: CPU, capability, threads
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _environment(device: str) -> Dict[str, Any]:
+    from inat.training.writer import environment  # here, not at import: the training package is heavy
+
+    return environment(torch.device(device))
 
 
 def _video_writer(cv2: Any, target: Path, source: Path, shape: Tuple[int, ...]) -> Any:

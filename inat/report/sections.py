@@ -24,7 +24,7 @@ def quality_section(run: Run) -> str:
     """Per-class recall and F1, macro-F1, top-k, and calibration (ECE before/after temperature
     scaling with the reliability diagram) from a run's test.json, when it has them."""
     test = run.test or {}
-    out = []
+    out = [balance_line(run)]
     recall, f1 = test.get("per_class_recall"), test.get("per_class_f1") or {}
     if recall:
         out.append(table(["class", "recall", "F1"], [[c, pct(r), pct(f1.get(c))] for c, r in recall.items()],
@@ -47,6 +47,28 @@ def quality_section(run: Run) -> str:
         if diagram.is_file():
             out.append(figure(diagram, "Reliability diagram: per-bin accuracy against confidence (diagonal = calibrated)."))
     return "".join(out)
+
+
+def balance_line(run: Run) -> str:
+    """The class balance of the run's training split (summary.json's ``class_counts``) and what the
+    run did about it (``train.class_weights``, ``train.balanced_sampler``); empty for older runs."""
+    extra = run.summary.extra
+    counts = extra.get("class_counts")
+    if not counts:
+        return ""
+    ratio = extra.get("imbalance_ratio")
+    train = run.config.get("train", {})
+    used = [x for x, on in (("class-weighted loss", train.get("class_weights") == "auto"),
+                            ("class-balanced sampling", train.get("balanced_sampler"))) if on]
+    if extra.get("imbalanced"):
+        verdict = ("imbalanced; the run used " + " and ".join(used)) if used else (
+            "imbalanced, and the run used neither a class-weighted loss (<code>train.class_weights=auto</code>) "
+            "nor class-balanced sampling (<code>train.balanced_sampler=true</code>), so read macro-F1 beside accuracy")
+    else:
+        verdict = "balanced enough that accuracy and macro-F1 tell the same story"
+    ratio_text = "a class has no images" if ratio in (None, float("inf")) else f"largest / smallest {ratio:.2f}"
+    return (f"<p>Training split: {min(counts):,} to {max(counts):,} images per class ({esc(ratio_text)}): "
+            f"{verdict}.</p>")
 
 
 def _num(value: Any, digits: int = 0) -> str:

@@ -84,10 +84,8 @@ class Wrapper:
     that gradual unfreezing turns on are all-reduced like the rest.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, *, compile: bool = False,
-                 sync_bn: bool = False) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, *, compile: bool = False) -> None:
         self.model, self.device, self.compile = model, device, compile
-        self.sync_bn = sync_bn
         self._signature: Optional[tuple] = None
         self.module: nn.Module = model
         self.rebuilds = 0

@@ -51,7 +51,7 @@ class Setup:
     source: Any  # ImageSource | FeatureSource | PrefixViewSource
     optimizer: torch.optim.Optimizer
     scaler: Any
-    wrapper: distributed.Wrapper
+    wrapper: Optional[distributed.Wrapper]  # built once the source says which module the step trains
     writer: RunWriter
     ema: Optional[nn.Module] = None
     cache_seconds: float = 0.0
@@ -203,8 +203,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(cfg.train.ema)), use_buffers=True)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    s = Setup(cfg, device, precision, model, data, None, optimizer, precision.grad_scaler(),
-              distributed.Wrapper(model, device, compile=bool(cfg.train.compile)),
+    s = Setup(cfg, device, precision, model, data, None, optimizer, precision.grad_scaler(), None,
               RunWriter(run_dir, cfg, cfg_dict, is_main), ema)
     if cfg.resume:
         _resume(s, Path(run_dir), cfg_dict)
@@ -214,8 +213,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     if not isinstance(s.source, ImageSource):
         s.writer.say(f"frozen outputs cached once in {s.cache_seconds:.0f} s ({s.source.bytes / 2**20:.0f} MiB): "
                      f"{s.source.kind}")
-    if s.source.module is not model:  # the step trains the head or the suffix only
-        s.wrapper.model = s.source.module
+    # The step trains source.module: the model, or only its head (cached features) or suffix (prefix views).
+    s.wrapper = distributed.Wrapper(s.source.module, device, compile=bool(cfg.train.compile))
     return s
 
 
