@@ -761,3 +761,21 @@ def test_train_mode_checks_the_test_folder_before_training(capsys, data, tmp_pat
     fails_cleanly(capsys, lambda: train_mode(cfg, tmp_path / "run"), "no test folder" if case == "no_test_folder"
                   else "class_7")
     assert not (tmp_path / "run").exists()
+
+
+def test_no_network_says_where_to_put_the_archive_and_a_placed_one_is_used(capsys, tmp_path, monkeypatch):
+    """Offline, the download failure names the archive path; an archive put there is extracted with no request."""
+    import inat.data.download as download
+
+    with socket.socket() as sock:  # a loopback port nobody listens on: the request fails at once
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/nature_12K.zip"
+    root = tmp_path / "data" / "nature_12K"
+    root.parent.mkdir()
+    original = download.download_file
+    monkeypatch.setattr(download, "download_file", lambda *a, **k: original(*a, **{**k, "retries": 0, "backoff": 0.0}))
+    fails_cleanly(capsys, lambda: download.prepare_dataset(root, url, progress=False),
+                  f"put it at '{tmp_path / 'data' / 'nature_12K.zip'}'")
+    assert not root.exists()
+    (tmp_path / "data" / "nature_12K.zip").write_bytes(_dataset_zip())  # fetched "on another machine"
+    assert download.prepare_dataset(root, url, progress=False) == root and (root / "train").is_dir()

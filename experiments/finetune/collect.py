@@ -48,6 +48,8 @@ def main(runs: Path, out: Path) -> None:
             "train_minutes": round(summary["train_seconds"] / 60, 2), "wall_minutes": round(summary["wall_seconds"] / 60, 2),
             "train_images_per_sec": summary["train_images_per_sec"], "input_size": model.spec.input_size,
             "cache_views": cfg.finetune.get("cache_views", 0), "cache_minutes": round(summary.get("cache_seconds", 0) / 60, 2),
+            "precision": summary.get("precision"), "cpu": summary.get("environment", {}).get("cpu"),
+            "cpu_capability": summary.get("environment", {}).get("cpu_capability"),
             **_time_file(run / "time.txt"),
         })
     out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -297,7 +297,15 @@ def prepare_dataset(root: Path, url: str, sha256: Optional[str] = None, *, progr
                 f"Dataset root '{root}' exists but has no 'train' and 'val' or 'test' folders; "
                 f"move it away or choose another data.root."
             )
-    zip_path = download_file(url, archive_path(root, url), sha256=sha256, progress=progress)
+    target = archive_path(root, url)
+    try:
+        zip_path = download_file(url, target, sha256=sha256, progress=progress)
+    except InatError as err:
+        if "failed after" not in str(err):  # a checksum or HTTP status problem: the message says it all
+            raise
+        raise InatError(f"{str(err).rstrip('.')}. Without a network, fetch the archive on another machine and put "
+                        f"it at '{target}' (the next run extracts it), or set data.root to a folder with train/ and "
+                        f"val/ or test/.") from err
     staging = root.parent / f".{root.name}.extracting"
     shutil.rmtree(staging, ignore_errors=True)  # left over from a killed run
     safe_extract(zip_path, staging)
