@@ -356,3 +356,19 @@ def test_budget_counts_compute_of_finished_trials():
     study = SimpleNamespace(get_trials=lambda deepcopy=False: trials)
     assert compute_minutes(study) == pytest.approx(15)
     assert not budget_spent(study, 20) and budget_spent(study, 15) and not budget_spent(study, 0)
+
+
+@pytest.mark.parametrize("case", ["missing_root", "no_train_folder"])
+def test_a_bad_dataset_stops_the_sweep_before_the_study_exists(tmp_path, env, case):
+    """It used to fail inside trial 0, leaving optuna.db, sweep.json and a trial folder behind."""
+    root = tmp_path / "nowhere"
+    if case == "no_train_folder":
+        root = tmp_path / "data"
+        (root / "val" / "a").mkdir(parents=True)
+    sweep_dir = tmp_path / "sweep"
+    proc = run_py("-m", "hydra/sweeper=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={root}",
+                  "hydra.sweeper.n_trials=1", env=env, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert not sweep_dir.exists()

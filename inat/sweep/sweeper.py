@@ -82,6 +82,24 @@ def write_sweep_info(sweep_dir: Path, impl: Any, study_name: str, arguments: Lis
                                           "sampler": type(impl.sampler).__name__})
 
 
+def check_dataset(data_cfg: Any) -> None:
+    """Fetch (nature_12K on first use) and list the training folder once, before the study exists.
+
+    Without it a missing or unreachable dataset failed inside trial 0, after the study, its
+    SQLite file and the first trial folder had been created; now it is one sentence and exit 2
+    with nothing written. The trials still resolve the root themselves (cheap once it exists).
+    """
+    from inat.cli import fail
+    from inat.data.download import ensure_dataset
+    from inat.data.folder import scan_train
+    from inat.errors import InatError
+
+    try:
+        scan_train(ensure_dataset(data_cfg))
+    except InatError as err:
+        fail(str(err))
+
+
 class InatOptunaSweeper(OptunaSweeper):
     """The Optuna sweeper of ``conf/hydra/sweeper/optuna.yaml`` (same constructor as the plugin's)."""
 
@@ -93,8 +111,6 @@ class InatOptunaSweeper(OptunaSweeper):
         assert impl.config is not None and impl.launcher is not None
         cfg = impl.config
         sweep_dir = Path(cfg.hydra.sweep.dir)
-        # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
-        sweep_dir.mkdir(parents=True, exist_ok=True)
 
         from inat.sweep.space import sweep_errors
 
@@ -117,6 +133,10 @@ class InatOptunaSweeper(OptunaSweeper):
             raise ValueError("InatOptunaSweeper optimises one objective (validation accuracy); "
                              f"got directions {directions}.")
 
+        if "data.root" not in distributions:  # a swept root is checked by each trial
+            check_dataset(cfg.data)
+        # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(study_name=impl.study_name, storage=impl.storage, sampler=impl.sampler,
                                     directions=directions, load_if_exists=True)
         log.info(f"Study {study.study_name} in {impl.storage} ({type(impl.sampler).__name__}, {directions[0]}); "
