@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__version__ = "0.1.0"
+from inat.modes import NAMES as _MODE_NAMES  # a light module (no Hydra or torch at import)
 
-from inat.modes import NAMES as _MODE_NAMES  # noqa: E402 - a light module (no Hydra or torch at import)
+__version__ = "0.1.0"
 
 # mode name -> "module:function"; every command's entry file is inat/modes/<name>.py (see inat.modes).
 MODES = {name: f"inat.modes.{name}:run" for name in _MODE_NAMES}

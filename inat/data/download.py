@@ -30,6 +30,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from inat.errors import InatError
 
+
+class UnreachableError(InatError):
+    """Every retry failed on the network (no connection, or a transfer that got nowhere), not on a bad reply."""
+
+
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60.0
 RETRIES = 5
@@ -172,7 +177,7 @@ def download_file(
             failures = 0 if after > before else failures + 1
             if failures > retries:
                 reason = getattr(err, "reason", None) or err
-                raise InatError(f"Download of '{url}' failed after {retries} retries: {reason}.") from err
+                raise UnreachableError(f"Download of '{url}' failed after {retries} retries: {reason}.") from err
             time.sleep(backoff * (2 ** max(failures - 1, 0)))
     _check_complete(part, dest, url, sha256, expected_size)
     return dest
@@ -300,9 +305,7 @@ def prepare_dataset(root: Path, url: str, sha256: Optional[str] = None, *, progr
     target = archive_path(root, url)
     try:
         zip_path = download_file(url, target, sha256=sha256, progress=progress)
-    except InatError as err:
-        if "failed after" not in str(err):  # a checksum or HTTP status problem: the message says it all
-            raise
+    except UnreachableError as err:  # a checksum or HTTP status problem needs no hint: its message says it all
         raise InatError(f"{str(err).rstrip('.')}. Without a network, fetch the archive on another machine and put "
                         f"it at '{target}' (the next run extracts it), or set data.root to a folder with train/ and "
                         f"val/ or test/.") from err
@@ -355,7 +358,6 @@ def fetch_dataset(root: Path, url: str, sha256: Optional[str] = None) -> Dict[st
         "archive": str(zip_path.resolve()) if kept else None,
         "bytes": zip_path.stat().st_size if kept else None,
         "sha256": sha256_file(zip_path) if kept else None,
-        "reused_archive": had_archive and not was_present,
         "downloaded": not was_present and not had_archive,
         "extracted": not was_present,
         "seconds": round(seconds, 2),

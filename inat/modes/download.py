@@ -19,7 +19,7 @@ def run(cfg: Any, out_dir: Path) -> None:
     if not record["extracted"]:
         print(f"Dataset root '{root}' already has train/ and a test folder: nothing to do.")
     else:
-        action = "reused" if record["reused_archive"] else f"downloaded {record['bytes']:,} bytes from {record['url']} into"
+        action = "reused" if not record["downloaded"] else f"downloaded {record['bytes']:,} bytes from {record['url']} into"
         print(f"{action.capitalize()} '{record['archive'] or cfg.data.url}' and extracted it to '{root}' in {record['seconds']:.1f} s.")
     if record["sha256"]:
         print(f"sha256 {record['sha256']} (set data.sha256 to pin it)")
