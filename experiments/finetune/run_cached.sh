@@ -24,10 +24,11 @@ sel() { [ ${#ALL[@]} -eq 0 ] && return 0; for a in "${ALL[@]}"; do [ "$a" = "$1"
 # measured fastest for this cut on an AVX512-BF16 CPU, and auto picks it only where it is native.
 sel lite0_k7_v8 && run lite0_k7_v8 "${COMMON[@]}" model=efficientnet_lite0 finetune=partial finetune.k=7 finetune.cache_views=8 \
   train.epochs=15 train.lr=1e-3 train.precision=auto
-# k=5: stem..stage3 frozen; stages 4-6 + head train (3.1 M); fp32 on every CPU: bf16 backward through
-# the depthwise stages was slower even on the AVX512-BF16 CPU.
+# k=5: stem..stage3 frozen; stages 4-6 + head train (3.1 M); fp32 on any CPU (bf16 backward through the
+# depthwise stages was slower even on the AVX512-BF16 CPU), the auto policy (bf16 / fp16 AMP) on a GPU.
+K5_PRECISION=$("$PY" -c "import torch; print('auto' if torch.cuda.is_available() else '32')")
 sel lite0_k5_v8 && run lite0_k5_v8 "${COMMON[@]}" model=efficientnet_lite0 finetune=partial finetune.k=5 finetune.cache_views=8 \
-  train.epochs=10 train.lr=1e-3 train.precision=32
+  train.epochs=10 train.lr=1e-3 train.precision="$K5_PRECISION"
 # EfficientNet-Lite2 (260 px, 6.1 M parameters with a 1000-class head): the same cut as lite0_k7_v8.
 sel lite2_k7_v8 && run lite2_k7_v8 "${COMMON[@]}" model=efficientnet_lite2 finetune=partial finetune.k=7 finetune.cache_views=8 \
   train.epochs=15 train.lr=1e-3 train.precision=auto
