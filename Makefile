@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make run [DATA=path]   create .venv, install, train the default Part A model, test it
-#   make test              create .venv with test extras, run the whole suite
+#   make test              create .venv with test extras; install Chromium and PostgreSQL where missing
+#                          (as root with apt-get, else one sentence saying what to install); start
+#                          PostgreSQL on loopback, run the whole suite, stop it again
 PYTHON ?= python3
 VENV   ?= .venv
 DATA   ?= data/nature_12K
@@ -30,7 +32,7 @@ run: $(VENV)/.installed
 	$(BIN)/python run.py data.root=$(DATA) $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q $(ARGS)
+	@bash tools/test_services.sh $(BIN)/python -m pytest -q $(ARGS)
 
 clean-cache:
 	rm -rf $${INAT_CACHE:-$$HOME/.cache/inat}

@@ -1,7 +1,7 @@
 """Many workers, one study: three concurrent sweep processes share a PostgreSQL-backed study.
 
-Needs a server: ``eval "$(experiments/sweep/start_postgres.sh)"`` exports ``INAT_PG_URL``
-(CI does this). Without it the test fails under ``CI=true`` and is skipped locally.
+Needs a server: ``make test`` starts one on loopback and exports ``INAT_PG_URL``
+(tools/test_services.sh); without it the test fails, it is never skipped.
 """
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ WORKERS, TRIALS_EACH = 3, 2
 def pg_url() -> str:
     url = os.environ.get("INAT_PG_URL")
     if not url:
-        message = ("INAT_PG_URL is not set: start PostgreSQL with `eval \"$(experiments/sweep/start_postgres.sh)\"` "
-                   "(it exports INAT_PG_URL=postgresql://inat:inat@127.0.0.1:5432/inat).")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        # Never a skip: `make test` starts the server (tools/test_services.sh), so a missing one is a failure.
+        pytest.fail("INAT_PG_URL is not set: run the suite with `make test`, which starts PostgreSQL on loopback, "
+                    "or start it with `eval \"$(experiments/sweep/start_postgres.sh)\"`.")
     return url
 
 

@@ -92,9 +92,17 @@ def _start_wandb(cfg: Any, run_dir: Path, cfg_dict: Dict[str, Any]) -> Optional[
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         print("No WANDB_API_KEY: wandb logs offline (sync later with `wandb sync`).", flush=True)
         mode = "offline"
+    # Offline, wandb's own banner, run history, summary and sync hints (~25 lines) would bury the
+    # epoch lines and the result; its silent setting drops them and one line below says where the
+    # files are. Online keeps wandb's own lines: they carry the run's URL.
+    settings = wandb.Settings(silent=True) if mode == "offline" else None
     try:
-        return wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, dir=str(run_dir), mode=mode,
-                          config=cfg_dict, name=run_dir.name, reinit="finish_previous")
+        run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, dir=str(run_dir), mode=mode,
+                         config=cfg_dict, name=run_dir.name, reinit="finish_previous", settings=settings)
     except Exception as err:  # tracking must never kill a training run
         print(f"wandb could not start ({type(err).__name__}: {err}); logging to metrics.csv only.", flush=True)
         return None
+    if mode == "offline":
+        files = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>; run.dir is its files/ folder
+        print(f"wandb offline: {files} (`wandb sync` that folder to upload it)", flush=True)
+    return run
