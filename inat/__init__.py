@@ -45,6 +45,9 @@ def run(cfg) -> Optional[float]:
         fn = getattr(importlib.import_module(module), func)
         return fn(cfg, output_dir())
     except InatError as err:
+        from inat.record import restore_if_refused
+
+        restore_if_refused()  # a refused command leaves an existing run folder's record as it was
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _fail(str(err))

@@ -99,6 +99,23 @@ def unknown_key_message(key: str) -> Optional[str]:
     return None
 
 
+# Hydra runs exactly one of these per command and says so with a traceback (exit 1) otherwise.
+_EXCLUSIVE = {"--run": "--run", "-r": "--run", "--multirun": "-m", "-m": "-m", "--cfg": "--cfg", "-c": "--cfg",
+              "--info": "--info", "-i": "--info", "--shell-completion": "--shell-completion",
+              "-sc": "--shell-completion"}
+
+
+def exclusive_flags_message(argv: List[str]) -> Optional[str]:
+    """One sentence when ``argv`` combines Hydra flags of which a command takes only one (-m with --cfg)."""
+    given = list(dict.fromkeys(_EXCLUSIVE[a.split("=", 1)[0]] for a in argv if a.split("=", 1)[0] in _EXCLUSIVE))
+    if len(given) < 2:
+        return None
+    hint = ("; to see a sweep's configuration leave out -m (`python run.py --cfg hydra` with the same overrides shows "
+            "hydra.sweeper and hydra.sweep)" if "-m" in given and "--cfg" in given else "")
+    return (f"{' and '.join(given)} cannot be given together, as a command does one of --run, -m (--multirun), --cfg, "
+            f"--info or --shell-completion{hint}.")
+
+
 def check_overrides(argv: List[str]) -> Optional[str]:
     """First error sentence among ``key=value`` overrides whose key is not in the schema."""
     for arg in argv:
@@ -229,9 +246,14 @@ def fail(message: str) -> None:
 def prepare_argv() -> None:
     """Rewrite ``sys.argv`` in place and exit with one sentence on any bad key, type or value."""
     args = rewrite_shorthand(sys.argv[1:])
-    msg = check_overrides(args)
+    msg = exclusive_flags_message(args) or check_overrides(args)
     if msg is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
         msg = check_command(args)
     if msg:
         fail(msg)
+    run_dir = _value_of("hydra.run.dir", args)
+    if run_dir and not any(a in ("-m", "--multirun") for a in args):
+        from inat.record import remember
+
+        remember(Path(run_dir))  # before Hydra rewrites its record there (see inat.record)
     sys.argv[1:] = args
