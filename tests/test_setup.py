@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,14 @@ def test_offline_wandb_prints_one_line_and_the_run_ends_with_the_result(tmp_path
     # The result is the last thing printed: accuracy, macro-F1, then one line per class.
     assert stdout[-4].startswith("test accuracy") and stdout[-3].startswith("macro-F1"), stdout
     assert [line.split()[0] for line in stdout[-2:]] == ["class_0", "class_1"], stdout
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "1 failed, 1 passed"), ("", "1 passed, 1 skipped")])
+def test_under_ci_a_skipped_test_counts_as_failed(tmp_path, ci, outcome):
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n\ndef test_skips():\n    pytest.skip('no thing')\n\ndef test_passes():\n    pass\n")
+    env = {**os.environ, "CI": ci, "PYTHONPATH": str(REPO / "tests")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert outcome in done.stdout, done.stdout
