@@ -19,9 +19,10 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from inat.data.folder import IMAGE_EXTENSIONS, find_test_dir, test_access
+from inat.data.folder import (IMAGE_EXTENSIONS, check_root, class_dirs, find_test_dir, linked_class_folders,
+                              test_access)
 from inat.errors import InatError
 
 # Shorter side below this many pixels: upsampled to the training size it is mostly blur.
@@ -99,7 +100,7 @@ def inspect_file(path: str) -> Dict[str, Any]:
     draft mode (DCT scaling to about 64 px): the whole entropy-coded stream is still read,
     so truncation is still caught, at a fraction of a full decode's cost.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     import numpy as np
 
@@ -125,6 +126,8 @@ def inspect_file(path: str) -> Dict[str, Any]:
             out["width"], out["height"] = image.size
             image.draft("RGB", (64, 64))  # no-op for formats other than JPEG
             image.load()
+            # Upright as training decodes it, so a sideways-stored photo hashes like its upright copy.
+            ImageOps.exif_transpose(image, in_place=True)
             out["phash"] = phash(image)
             if image.mode in GRAYSCALE_MODES:
                 out["gray"] = True
@@ -144,9 +147,24 @@ def inspect_file(path: str) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- listing
 
 
-def _list_split(folder: Path) -> Tuple[List[Tuple[str, Path]], List[str], List[Path]]:
-    """``(class, file)`` pairs under ``folder/<class>/**`` (hidden skipped), classes, stray files."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+class Listing(NamedTuple):
+    """One split folder as the audit lists it."""
+
+    files: List[Tuple[str, Path]]  # (class, file) under folder/<class>/**, hidden skipped
+    classes: List[str]
+    stray: List[Path]  # files directly in the split folder, outside any class
+    linked: List[Tuple[Path, str, str]]  # (link, target, overlap): see folder.linked_class_folders
+
+
+def _list_split(folder: Path) -> Listing:
+    """List one split folder: its class folders' files, classes, stray files and linked class folders.
+
+    A class folder that is a symbolic link onto another class folder or onto ``folder``
+    itself is listed as a problem (training refuses it) and its files are not read again.
+    """
+    linked = linked_class_folders(folder)
+    skip = {link.name for link, _, _ in linked}
+    classes = [p.name for p in class_dirs(folder) if p.name not in skip]
     stray = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     files: List[Tuple[str, Path]] = []
     for name in classes:
@@ -155,7 +173,7 @@ def _list_split(folder: Path) -> Tuple[List[Tuple[str, Path]], List[str], List[P
             if (path.is_file() or path.is_symlink() and not path.exists()) and \
                     not any(part.startswith(".") for part in path.relative_to(folder).parts):
                 files.append((name, path))
-    return files, classes, stray
+    return Listing(files, classes, stray, linked)
 
 
 # --------------------------------------------------------------------------- grouping
@@ -283,17 +301,13 @@ def audit_dataset(
 
     The report (what ``audit.json`` holds) has per-split class counts, the lists of
     non-image, unreadable and truncated files, grayscale/CMYK/palette/other-mode and tiny
-    (shorter side < ``min_side``) images, and byte-identical and near-duplicate (perceptual hash within
+    (shorter side < ``min_side``) images, class folders that are links onto another, and byte-identical and near-duplicate (perceptual hash within
     ``near_distance`` bits) groups, each split into ``within_class``, ``across_classes`` and
     ``across_splits`` (train/test leakage). Paths are relative to ``root``. Nothing stops it
     early: every problem is listed. The test folder is listed under ``test_access("audit")``.
     """
     started = time.perf_counter()
-    root = Path(root)
-    if not root.is_dir():
-        raise InatError(f"Dataset root '{root}' does not exist.")
-    if not (root / "train").is_dir():
-        raise InatError(f"Dataset root '{root}' has no 'train' folder.")
+    root = check_root(root)
     split_dirs: Dict[str, Path] = {"train": root / "train"}
     with test_access("audit"):
         try:
@@ -303,20 +317,20 @@ def audit_dataset(
         listings = {split: _list_split(folder) for split, folder in split_dirs.items()}
 
     files: List[Dict[str, Any]] = []
-    for split, (pairs, _, _) in listings.items():
-        for class_name, path in pairs:
+    for split, listing in listings.items():
+        for class_name, path in listing.files:
             files.append({"path": path.relative_to(root).as_posix(), "split": split, "class": class_name, "abs": str(path)})
     results = _inspect_all([f["abs"] for f in files], workers, progress)
     for f, result in zip(files, results):
         del f["abs"]
         f.update(result)
 
-    train_classes = listings["train"][1]
-    classes = sorted(set(train_classes).union(*(listing[1] for listing in listings.values())))
+    train_classes = listings["train"].classes
+    classes = sorted(set(train_classes).union(*(listing.classes for listing in listings.values())))
     splits: Dict[str, Any] = {}
-    for split, (pairs, split_classes, _) in listings.items():
-        counts = {c: 0 for c in split_classes}
-        for class_name, _ in pairs:
+    for split, listing in listings.items():
+        counts = {c: 0 for c in listing.classes}
+        for class_name, _ in listing.files:
             counts[class_name] += 1
         in_split = [f for f in files if f["split"] == split]
         splits[split] = {
@@ -340,9 +354,12 @@ def audit_dataset(
         "other_mode": [entry(f, "mode") for f in ok
                        if f["mode"] not in GRAYSCALE_MODES | NORMAL_MODES | {"CMYK", "P", "PA"}],
         "tiny": [entry(f, "width", "height") for f in ok if min(f["width"], f["height"]) < min_side],
-        "stray_files": [p.relative_to(root).as_posix() for listing in listings.values() for p in listing[2]],
+        "stray_files": [p.relative_to(root).as_posix() for listing in listings.values() for p in listing.stray],
+        "linked_classes": [{"path": link.relative_to(root).as_posix(), "target": target, "overlap": overlap}
+                           for listing in listings.values() for link, target, overlap in listing.linked],
         "empty_classes": [f"{split_dirs[s].name}/{c}" for s, data in splits.items() for c, n in data["counts"].items() if n == 0],
-        "test_only_classes": [c for c in listings.get("test", ([], [], []))[1] if c not in train_classes],
+        "test_only_classes": [c for c in (listings["test"].classes if "test" in listings else [])
+                              if c not in train_classes],
     }
     exact, near = _group_duplicates(files, near_distance)
     return {
@@ -391,9 +408,10 @@ def format_summary(report: Dict[str, Any]) -> str:
     p = report["problems"]
     lines.append("Files training would refuse or fail on:")
     lines.append(f"  non-image: {len(p['non_image'])}, unreadable: {len(p['unreadable'])}, "
-                 f"truncated: {len(p['truncated'])}, outside a class folder: {len(p['stray_files'])}")
+                 f"truncated: {len(p['truncated'])}, outside a class folder: {len(p['stray_files'])}, "
+                 f"class folders linked onto another: {len(p['linked_classes'])}")
     _show(lines, p["non_image"] + [f"{e['path']}: {e['error']}" for e in p["unreadable"] + p["truncated"]]
-          + p["stray_files"])
+          + p["stray_files"] + [f"{e['path']} -> {e['target']} ({e['overlap']})" for e in p["linked_classes"]])
     lines.append("Images worth a look (converted to RGB when loaded):")
     stored_gray = sum(e["mode"] in GRAYSCALE_MODES for e in p["grayscale"])
     lines.append(f"  grayscale: {len(p['grayscale'])} ({stored_gray} with a gray mode, "

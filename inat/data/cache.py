@@ -21,7 +21,8 @@ import numpy as np
 
 from inat.errors import InatError
 
-CACHE_VERSION = 1
+# 2: EXIF orientation applied; a version-1 cache holds phone photos on their side.
+CACHE_VERSION = 2
 
 
 @dataclass

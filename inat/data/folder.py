@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 from inat.errors import InatError
 
@@ -43,6 +44,75 @@ def _is_candidate(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".")
 
 
+def _relation(target: Path, where: Path) -> str | None:
+    """How resolved folder ``target`` meets resolved folder ``where``: "is", "holds", "lies inside" or None."""
+    if target == where:
+        return "is"
+    if where.is_relative_to(target):
+        return "holds"
+    return "lies inside" if target.is_relative_to(where) else None
+
+
+def _overlap(name: str, real: Dict[str, Path], home: Path) -> str | None:
+    """What resolved class folder ``real[name]`` overlaps ("is class folder 'daisy'"), or None: its files are its own."""
+    rel = _relation(real[name], home)
+    if rel in ("is", "holds"):
+        return f"{rel} '{home}', the folder that lists it"
+    for other, where in real.items():
+        rel = _relation(real[name], where) if other != name else None
+        if rel:
+            return f"{rel} class folder '{other}'"
+    return None
+
+
+def class_dirs(folder: Path) -> List[Path]:
+    """Every non-hidden folder in ``folder`` (links to folders included), sorted by name; nothing is checked."""
+    return sorted((p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def linked_class_folders(folder: Path) -> List[Tuple[Path, str, str]]:
+    """``(link, its target as written, what it overlaps)`` for every class folder of ``folder``
+    that is a symbolic link onto ``folder`` itself or above it (``loop -> .``), or onto, into or
+    above another class folder (``alias -> daisy``): its files would get a second label.
+
+    A link to a folder of its own elsewhere (a dataset assembled from links) is not listed.
+    """
+    dirs = class_dirs(folder)
+    real = {p.name: p.resolve() for p in dirs}
+    home = Path(folder).resolve()
+    found = []
+    for link in (p for p in dirs if p.is_symlink()):
+        overlap = _overlap(link.name, real, home)
+        if overlap:
+            found.append((link, os.readlink(link), overlap))
+    return found
+
+
+def list_class_folders(folder: Path) -> List[str]:
+    """Names of the class folders in ``folder`` (hidden ones skipped), sorted; a linked one
+    (``linked_class_folders``) is refused naming the link and where it points."""
+    linked = linked_class_folders(folder)
+    if linked:
+        link, target, overlap = linked[0]
+        raise InatError(f"Class folder '{link}' is a symbolic link to '{target}', which {overlap}, so the same "
+                        f"images would get a second label; remove the link or make it a folder of its own images.")
+    return [p.name for p in class_dirs(folder)]
+
+
+def check_root(root: Path) -> Path:
+    """``root`` as a Path, refused when it is missing or a file (data.root must be a dataset folder)."""
+    root = Path(root)
+    if root.is_file():
+        raise InatError(f"Dataset root '{root}' is a file, not a folder; set data.root to the folder that holds "
+                        f"train/ and test/ (or val/).")
+    if not root.is_dir():
+        raise InatError(f"Dataset root '{root}' does not exist.")
+    if not (root / "train").is_dir():
+        raise InatError(f"Dataset root '{root}' has no 'train' folder.")
+    return root
+
+
 def scan_folder(folder: Path, classes: Sequence[str] | None = None, *, allow_empty_class: bool = False) -> FolderSplit:
     """List ``folder/<class>/**`` files (hidden files skipped), sorted, with labels.
 
@@ -54,7 +124,7 @@ def scan_folder(folder: Path, classes: Sequence[str] | None = None, *, allow_emp
     folder = Path(folder)
     if not folder.is_dir():
         raise InatError(f"Folder '{folder}' does not exist.")
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = list_class_folders(folder)
     if not found:
         raise InatError(f"Folder '{folder}' has no class subfolders (expected {folder}/<class>/<image>).")
     if classes is None:
@@ -102,12 +172,7 @@ def find_test_dir(root: Path) -> Path:
 
 def scan_train(root: Path) -> FolderSplit:
     """The ``train/`` folder of a dataset root; its class folders define the classes."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InatError(f"Dataset root '{root}' does not exist.")
-    if not (root / "train").is_dir():
-        raise InatError(f"Dataset root '{root}' has no 'train' folder.")
-    return scan_folder(root / "train")
+    return scan_folder(check_root(root) / "train")
 
 
 def check_test_folder(root: Path, train_classes: Sequence[str]) -> Path:
@@ -118,7 +183,7 @@ def check_test_folder(root: Path, train_classes: Sequence[str]) -> Path:
     the whole training. Returns the test folder.
     """
     test_dir = find_test_dir(root)
-    found = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = list_class_folders(test_dir)
     if not found:
         raise InatError(f"Test folder '{test_dir}' has no class subfolders (expected {test_dir}/<class>/<image>).")
     unknown = [c for c in found if c not in train_classes]

@@ -1,7 +1,8 @@
 """Decoding one image into a fixed-size uint8 array, and normalising batches of them.
 
-Everything that turns a file into model input goes through here (training cache, test,
-predict, explain), so a checkpoint's preprocessing is the same everywhere.
+Everything that turns a file into pixels goes through ``open_upright`` (training cache, test,
+predict, explain, export checks, detect's frames), so a checkpoint's preprocessing is the same
+everywhere and EXIF orientation is applied once, in one place.
 """
 from __future__ import annotations
 
@@ -19,26 +20,34 @@ _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1, "box": 4, 
 
 def decode_image(path, size: int, interpolation: str = "bilinear", crop_pct: float = 1.0,
                  name: str | None = None) -> np.ndarray:
-    """Decode, convert to RGB, resize the shorter side to ``size / crop_pct`` and centre-crop.
+    """Decode upright, convert to RGB, resize the shorter side to ``size / crop_pct`` and centre-crop.
 
     Returns (size, size, 3) uint8. JPEG draft mode lets libjpeg decode large photos at a
     reduced scale directly, which is most of the decode time saved on big images.
     ``path`` may be a file path or a binary file object (then ``name`` labels it in
     errors). Unreadable or truncated files raise InatError naming the file.
     """
-    from PIL import Image
-
-    resample = _RESAMPLE.get(interpolation)
-    if resample is None:
-        raise InatError(f"Unknown interpolation '{interpolation}': valid are {', '.join(_RESAMPLE)}.")
     target = max(size, int(round(size / crop_pct)))
+    return fit_image(open_upright(path, target, name), size, interpolation, crop_pct)
+
+
+def open_upright(path, draft: int | None = None, name: str | None = None):
+    """The RGB PIL image in ``path`` (a file path or binary file object), turned upright.
+
+    Phones store photos as the sensor saw them plus an EXIF orientation tag; without
+    applying it a portrait photo trains and predicts lying on its side, so every decode
+    (cache, test, predict, explain, detect frames) goes through here. ``draft`` asks libjpeg
+    for the smallest scale whose sides stay >= ``draft`` pixels. Errors name the file
+    (``name`` when ``path`` is a file object) in one InatError sentence.
+    """
+    from PIL import Image, ImageOps
+
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("RGB", (target, target))  # keeps the decoded side >= target
-            return fit_image(to_rgb(img), size, interpolation, crop_pct)
-    except InatError:
-        raise
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))  # square request: the same scale whichever way the photo is turned
+            ImageOps.exif_transpose(img, in_place=True)
+            return to_rgb(img)
     except Exception as err:  # PIL raises many types for bad files; the user needs the path
         label = name or path
         # PIL names a file object by its repr ("<_io.BytesIO object at 0x...>"): show the file instead.

@@ -73,13 +73,18 @@ def find_sources(inputs: Sequence[str]) -> List[Tuple[str, Path, List[Path]]]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to ``(H, W, 3)`` uint8 BGR, or refuse with one sentence."""
-    import cv2
+    """Decode an image file to ``(H, W, 3)`` uint8 BGR, or refuse with one sentence.
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InatError(f"Cannot read image {path}: the file is not a decodable image.")
-    return image
+    Through the classifier's own decoder (EXIF orientation applied, 16-bit scaled), so a
+    crop named by ``detect.classify`` has the pixels predict would see in the same photo.
+    """
+    from inat.data.images import open_upright
+
+    try:
+        rgb = np.asarray(open_upright(path))  # (H, W, 3)
+    except InatError as err:
+        raise InatError(f"Cannot read image {path}: the file is not a decodable image.") from err
+    return np.ascontiguousarray(rgb[:, :, ::-1])  # RGB -> BGR, the detector's and OpenCV's order
 
 
 def iter_frames(kind: str, path: Path, files: List[Path],
