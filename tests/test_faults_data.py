@@ -158,6 +158,52 @@ def test_detect_reads_the_whole_frame_upright(tmp_path):
     assert np.abs(frame[:, :, ::-1].astype(int) - _upright()).mean() < 8
 
 
+# --------------------------------------------------------------------------- resume after train/ changed
+
+def _fit(root: Path, run_dir: Path, *extra: str):
+    from inat.training import fit
+
+    return fit(compose([f"data.root={root}", *FAST, "train.epochs=1", "train.then_test=false",
+                        f"data.cache_dir={run_dir.parent / 'cache'}", *extra]), run_dir)
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_after_train_folder_changed_is_refused_and_the_run_folder_kept(capsys, tmp_path):
+    root = make_dataset(tmp_path / "data", n_train=6, n_test=1, size=24)
+    run_dir = tmp_path / "run"
+    _fit(root, run_dir)
+    before = _snapshot(run_dir)
+    assert {"checkpoints/best.pt", "checkpoints/last.pt", "split.json"} <= set(before)
+    for i in range(2):  # two new photos of class_0, one of class_1 deleted
+        Image.new("RGB", (24, 24), (200, 10 * i, 30)).save(root / "train" / "class_0" / f"new_{i}.png")
+    sorted((root / "train" / "class_1").iterdir())[0].unlink()
+    fails_cleanly(capsys, lambda: _fit(root, run_dir, "resume=true"), "resume=true", "changed since",
+                  "2 added", "1 removed", "another train/validation split")
+    assert _snapshot(run_dir) == before  # checkpoints, split.json and summary.json as they were
+
+
+def test_split_changes_counts_added_removed_and_moved():
+    from inat.data.split import split_changes
+
+    saved = {"train": ["a", "b", "c"], "val": ["d"]}
+    assert split_changes(saved, ["a", "b", "c"], ["d"]) == {"added": 0, "removed": 0, "moved": 0}
+    assert split_changes(saved, ["a", "b", "d"], ["c"]) == {"added": 0, "removed": 0, "moved": 2}
+    assert split_changes(saved, ["a", "e", "c"], ["d", "f"]) == {"added": 2, "removed": 1, "moved": 0}
+
+
+def test_resume_with_best_but_no_last_says_what_happened(capsys, data, tmp_path):
+    """A kill between the first epoch's two writes leaves best.pt alone (best.pt is written first)."""
+    run_dir = tmp_path / "run"
+    save_checkpoint({"config": {}, "classes": CLASSES, "model": {}}, run_dir / "checkpoints" / "best.pt")
+    fails_cleanly(capsys, lambda: _fit(data, run_dir, "resume=true"), f"run folder '{run_dir}'",
+                  "no checkpoints/last.pt", "stopped while writing its first checkpoints", "nothing to resume",
+                  "without resume=true", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt"]
+
+
 # --------------------------------------------------------------------------- messages that named the wrong problem
 
 @pytest.mark.parametrize("reader", ["scan_train", "audit"])

@@ -1,6 +1,7 @@
 """Stratified, seeded train/validation split of ``train/`` and its manifest."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -60,3 +61,18 @@ def write_manifest(path: Path, root: Path, classes: Sequence[str], paths: Sequen
                 "train": rows(train_idx), "val": rows(val_idx)}
     write_json(path, manifest)
     return manifest
+
+
+def split_changes(saved: Dict[str, Sequence[str]], train_sha1: Sequence[str],
+                  val_sha1: Sequence[str]) -> Dict[str, int]:
+    """How a split (the SHA-1 of each train and val image) differs from a checkpoint's ``split_sha1``.
+
+    Images are counted by content, so a renamed file is unchanged and an edited one is one
+    removed plus one added. Returns ``added``, ``removed`` and ``moved`` (between train and
+    val); all zero means the same images on the same sides.
+    """
+    before_train, before_val = Counter(saved.get("train", [])), Counter(saved.get("val", []))
+    now_train, now_val = Counter(train_sha1), Counter(val_sha1)
+    before, now = before_train + before_val, now_train + now_val
+    return {"added": sum((now - before).values()), "removed": sum((before - now).values()),
+            "moved": sum((before_train & now_val).values()) + sum((before_val & now_train).values())}

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from inat.calibration import TemperatureChoice, choose_temperature, temperature_record
 from inat.checkpoint import load_checkpoint
 from inat.data.folder import scan_train
 from inat.data.split import write_manifest
@@ -28,15 +29,11 @@ from inat.inference import Precision, pick_device, process_precision
 from inat.models import InatModel, build_from_config
 from inat.run_folder import Summary
 from inat.runs import acquire_run_lock, world
-from inat.training import distributed
+from inat.training import distributed, resume
 from inat.training.data import SEED_AUG, SEED_INIT, TrainData, epoch_order, load_data, resolve_root
 from inat.training.optim import check_schedule, lr_factor, make_optimizer, set_lr
 from inat.training.sources import FeatureSource, ImageSource, PrefixViewSource
-from inat.training.writer import RunWriter, environment, restore_rng, rng_state
-
-# Keys allowed to differ between the first run and its resumption.
-_RESUME_FREE = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep",
-                "lr_find"}
+from inat.training.writer import RunWriter, environment, rng_state
 
 
 @dataclass
@@ -179,6 +176,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     precision = process_precision(cfg.train.precision, device, announce=is_main)
     root = resolve_root(cfg.data)
     folder = scan_train(root)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    saved = resume.load_last(Path(run_dir), cfg_dict) if cfg.resume else None
     torch.manual_seed(cfg.seed * 1000 + SEED_INIT)
     model: InatModel = build_from_config(cfg, len(folder.classes))
     spec = model.spec
@@ -187,6 +186,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
 
         setup_finetune(model, cfg.finetune)
     data = load_data(cfg.data, spec, root, folder, progress=is_main)
+    if saved is not None:  # before split.json is rewritten: a refused resume leaves the run folder as it was
+        resume.check_same_split(saved, data, Path(run_dir))
     if is_main:
         write_manifest(Path(run_dir) / "split.json", root, folder.classes, folder.paths, folder.labels, data.sha1,
                        data.train_idx, data.val_idx, int(cfg.data.split_seed), float(cfg.data.val_fraction))
@@ -202,11 +203,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(cfg.train.ema)), use_buffers=True)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     s = Setup(cfg, device, precision, model, data, None, optimizer, precision.grad_scaler(), None,
               RunWriter(run_dir, cfg, cfg_dict, is_main), ema)
-    if cfg.resume:
-        _resume(s, Path(run_dir), cfg_dict)
+    if saved is not None:
+        resume.restore(s, Path(run_dir), saved)
     t_cache = time.perf_counter()
     s.source = _source(s, channels_last, is_main)
     s.cache_seconds = time.perf_counter() - t_cache
@@ -231,29 +231,6 @@ def _source(s: Setup, channels_last: bool, progress: bool):
                                 tta_flip=bool(cfg.aug.tta_flip), progress=progress, **common)
     return ImageSource(s.model, s.data, s.model.spec, cfg.aug, s.precision, s.device,
                        tta_flip=bool(cfg.aug.tta_flip), **common)
-
-
-def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in cfg_dict.items() if k not in _RESUME_FREE}
-
-
-def _resume(s: Setup, run_dir: Path, cfg_dict: Dict[str, Any]) -> None:
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        raise InatError(f"resume=true but '{last}' does not exist; pass the run folder with hydra.run.dir=RUN_DIR.")
-    saved = load_checkpoint(last)
-    if _comparable(saved["config"]) != _comparable(cfg_dict):
-        raise InatError(f"resume=true with a config that differs from the one in '{last}'; resume with the same overrides.")
-    s.model.load_state_dict(saved["model"])
-    s.optimizer.load_state_dict(saved["optimizer"])
-    if s.ema is not None and saved.get("ema_full"):
-        s.ema.load_state_dict(saved["ema_full"])
-    if saved.get("scaler"):
-        s.scaler.load_state_dict(saved["scaler"])
-    s.state.update(saved["state"])
-    restore_rng(saved["rng"], s.device)
-    (run_dir / "summary.json").unlink(missing_ok=True)
-    s.writer.say(f"Resuming from epoch {s.state['epoch']} of {last}")
 
 
 def _checkpoint(s: Setup) -> Dict[str, Any]:
@@ -345,14 +322,13 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> 
     return summary.to_dict()
 
 
-def _fit_temperature(s: Setup, run_dir: Path) -> float:
+def _fit_temperature(s: Setup, run_dir: Path) -> TemperatureChoice:
     """Temperature scaling of the best checkpoint on the validation split (never the test folder).
 
     The full model runs on the validation images whatever the training input was (cached
     features or prefix views give no logits of the saved model); T is stored in best.pt and
     last.pt, so predict, export, explain and detect report calibrated probabilities.
     """
-    from inat.calibration import TEMPERATURE_KEY, fit_temperature
     from inat.checkpoint import save_checkpoint
     from inat.inference import batched_logits
     from inat.models import model_from_state
@@ -364,16 +340,16 @@ def _fit_temperature(s: Setup, run_dir: Path) -> float:
     logits = batched_logits(model, np.asarray(s.data.images[s.data.val_idx]), spec.mean, spec.std, s.precision,
                             batch_size=int(s.cfg.train.eval_batch_size), tta_flip=bool(s.cfg.aug.tta_flip),
                             device=s.device, channels_last=False)
-    temperature = round(fit_temperature(logits, s.data.labels[s.data.val_idx]), 6)
+    choice = choose_temperature(logits, s.data.labels[s.data.val_idx])  # may keep the raw softmax (T None)
     for name in ("best.pt", "last.pt"):
         state = best if name == "best.pt" else load_checkpoint(ckpt_dir / name)
-        state[TEMPERATURE_KEY] = temperature
+        state.update(temperature_record(choice))
         save_checkpoint({k: v for k, v in state.items() if k != "format"}, ckpt_dir / name)
-    s.writer.say(f"temperature {temperature:.3f} fitted on the validation split (calibrated probabilities)")
-    return temperature
+    s.writer.say(choice.note)
+    return choice
 
 
-def _summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[float]) -> Summary:
+def _summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[TemperatureChoice]) -> Summary:
     from inat.data.balance import imbalance
 
     state, hist, model, data = s.state, s.state["history"], s.model, s.data
@@ -388,7 +364,7 @@ def _summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[floa
         classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
         world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
         environment=environment(s.device), config=s.writer.cfg_dict,
-        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), "temperature": temperature})
+        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature)})
 
 
 def _write_digest(s: Setup, run_dir: Path, rank: int) -> None:
