@@ -40,13 +40,28 @@ def os_error_sentence(err: OSError, path: Path, what: str = "write") -> str:
     return f"Could not {what} '{path}': {err.strerror or err} ({hint})."
 
 
+def _write_failure(tmp: Path) -> OSError | None:
+    """The OSError a further write to the half-written ``tmp`` meets (disk full, file too large), else None."""
+    if not tmp.exists():
+        return None
+    try:
+        with open(tmp, "ab") as fh:
+            fh.write(bytes(1 << 16))
+            fh.flush()
+            os.fsync(fh.fileno())  # a delayed-allocation filesystem may only refuse the blocks here
+    except OSError as err:
+        return err
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     On any error (ENOSPC half way through a checkpoint, a read-only folder, Ctrl-C) the
     temp file is removed, so a run folder never holds a torn file; filesystem errors
-    become one InatError sentence naming ``path``.
+    become one InatError sentence naming ``path``, and so does the RuntimeError torch.save
+    raises when the kernel refuses its writes.
     """
     path = Path(path)
     if path.is_dir():
@@ -59,6 +74,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
         except OSError as err:
             raise InatError(os_error_sentence(err, path)) from err
+        except RuntimeError as err:
+            # torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError without the errno
+            # ("PytorchStreamWriter failed writing file ...", "unexpected pos ..."): ask the kernel.
+            cause = _write_failure(tmp)
+            if cause is None:
+                raise
+            raise InatError(os_error_sentence(cause, path)) from err
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

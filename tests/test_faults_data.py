@@ -204,6 +204,33 @@ def test_resume_with_best_but_no_last_says_what_happened(capsys, data, tmp_path)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt"]
 
 
+# --------------------------------------------------------------------------- a checkpoint write past a real size limit
+
+def test_file_size_limit_during_a_checkpoint_write_is_one_sentence(capsys, tmp_path):
+    """torch.save meets EFBIG from the kernel and raises RuntimeError; it reads like any OSError."""
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"config": {}, "classes": ["a"], "model": {}}, path)
+    before = path.read_bytes()
+    big = {"config": {}, "classes": ["a"], "model": {"w": torch.zeros(64_000)}}  # ~256 KB, past the limit
+    restore = _limit_file_size(64 * 1024)
+    try:
+        fails_cleanly(capsys, lambda: save_checkpoint(big, path), f"Could not write '{path}'", "File too large")
+    finally:
+        restore()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+def test_other_runtime_errors_inside_an_atomic_write_are_not_disguised(tmp_path):
+    from inat.runs import atomic_path
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        with atomic_path(tmp_path / "x.pt") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("a bug, not the disk")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- messages that named the wrong problem
 
 @pytest.mark.parametrize("reader", ["scan_train", "audit"])
