@@ -241,3 +241,24 @@ def test_data_root_that_is_a_file(capsys, tmp_path, reader):
     root.write_bytes(b"PK\x03\x04")
     read = scan_train if reader == "scan_train" else lambda r: audit_dataset(r, workers=1, progress=False)
     fails_cleanly(capsys, lambda: read(root), f"'{root}'", "is a file, not a folder", "data.root")
+
+
+def test_explain_image_that_is_a_folder(capsys, data, tmp_path):
+    from inat.explain import explain_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", data, classes=CLASSES)
+    folder = data / "val" / "class_0"
+    out = tmp_path / "out"
+    fails_cleanly(capsys, lambda: explain_checkpoint(ckpt, out, what=["filters"], image=str(folder)),
+                  f"explain.image '{folder}' is a folder", "one image file")
+    assert not out.exists() or not any(out.iterdir()), "a figure was drawn before the refusal"
+
+
+def test_explain_image_missing_still_says_so(capsys, data, tmp_path):
+    from inat.explain import explain_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", data, classes=CLASSES)
+    fails_cleanly(capsys, lambda: explain_checkpoint(ckpt, tmp_path / "out", what=["filters"],
+                                                     image=str(tmp_path / "nope.jpg")), "does not exist")
+    with pytest.raises(InatError):  # a typo is refused whatever else explain.what asks for
+        explain_checkpoint(ckpt, tmp_path / "out2", what=["grid"], image=str(tmp_path / "nope.jpg"))

@@ -19,6 +19,15 @@ WHAT = ("grid", "filters", "guided_backprop", "confusion", "gradcam")
 __all__ = ["explain_checkpoint", "WHAT"]
 
 
+def _check_image(image: str) -> None:
+    """``explain.image`` must name one image file: refuse a folder or a missing path in one sentence."""
+    if Path(image).is_dir():
+        raise InatError(f"explain.image '{image}' is a folder; explain.image takes one image file (the picture "
+                        f"whose feature maps are drawn), e.g. explain.image={Path(image) / '<photo>.jpg'}.")
+    if not Path(image).is_file():
+        raise InatError(f"explain.image '{image}' does not exist.")
+
+
 def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] = WHAT, data_root: Optional[str] = None,
                        pick: str = "random", seed: int = 0, per_class: int = 3, neurons: Optional[Sequence[int]] = None,
                        n_neurons: int = 10, image: Optional[str] = None, batch_size: int = 128,
@@ -37,6 +46,8 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
         raise InatError(f"Unknown explain.what {unknown or '[]'}: valid are {', '.join(WHAT)}.")
+    if image:  # before any figure is drawn: a refusal leaves no half-filled folder
+        _check_image(image)
     start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,8 +87,6 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
 
         result["filters"] = draw_filters(model, out_dir / "filters.png")
         if image:
-            if not Path(image).is_file():
-                raise InatError(f"explain.image '{image}' does not exist.")
             picture, name = decode_many([Path(image)], spec)[0], Path(image).name
         else:
             i = int(np.random.default_rng(seed).integers(len(scores.labels)))
