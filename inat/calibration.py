@@ -6,9 +6,16 @@ scalar T > 0 fitted to minimise NLL on the validation split; it never changes th
 so accuracy is untouched and only the confidence moves. The fit belongs at the end of
 training (on val, never on the test folder); its result is stored in the checkpoint under
 ``TEMPERATURE_KEY`` and read by test, predict and export.
+
+Every fit goes through ``choose_temperature``: T is bounded to ``[MIN_TEMPERATURE,
+MAX_TEMPERATURE]``, and a split of fewer than ``MIN_CALIBRATION_IMAGES`` images, or a fit that
+does not lower the validation NLL, keeps the raw softmax (T = None, with a note saying why).
 """
 from __future__ import annotations
 
+import math
+import numbers
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -16,8 +23,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TEMPERATURE_KEY = "temperature"  # checkpoint key: a float, absent in checkpoints from before calibration
+# Checkpoint keys. TEMPERATURE_KEY: a float > 0; None when training kept the raw softmax (then
+# TEMPERATURE_NOTE_KEY says why); absent in checkpoints from before calibration.
+TEMPERATURE_KEY = "temperature"
+TEMPERATURE_NOTE_KEY = "temperature_note"
 ECE_BINS = 15
+# The range a fitted T may take. Outside it the scaled softmax is degenerate rather than
+# calibrated: T = 20 already squeezes a logit gap of 10 into a probability ratio of 1.65, and
+# T = 0.05 turns a gap of 1 into a ratio of about 5e8. A fit that wants more is pinned here.
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 20.0
+# The smallest validation split T is fitted on. The NLL optimum is set by the images the model
+# gets wrong or barely right, and a tiny split holds a handful of them: every one right drives
+# T to 0, one confident mistake to infinity (1 image gave T = 759,314, 6 images T = 2,112).
+# 20 is the smallest split in which a 10% error rate still shows at least two mistakes, so no
+# single image decides T; real runs validate on hundreds of images and are far above it.
+MIN_CALIBRATION_IMAGES = 20
 
 
 def _as_tensors(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,27 +81,79 @@ def brier(probs: Any, labels: Any) -> float:
 
 
 def fit_temperature(logits: Any, labels: Any, max_iter: int = 100) -> float:
-    """The T > 0 minimising NLL of ``softmax(logits / T)``, by LBFGS on log T (so T stays positive).
+    """The T in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` minimising NLL of ``softmax(logits / T)``.
 
-    Pass validation logits only. Starts at T = 1; returns 1.0 for an empty set. A single
-    convex-in-log-T scalar problem, so LBFGS with a line search converges in a few steps.
+    LBFGS on log T, clamped to the bounds inside the loss, so the search never evaluates an
+    overflowing T and stops at a bound when the optimum lies beyond it. NLL is convex in 1/T,
+    so the clamped optimum is the constrained one. Pass validation logits only, and use
+    ``choose_temperature``, which decides whether the fit is trusted; returns 1.0 for an empty set.
     """
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if len(y) == 0:
         return 1.0
+    bounds = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss = F.cross_entropy(z / log_t.clamp(*bounds).exp(), y)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return float(log_t.detach().exp())
+    fitted = float(log_t.detach().clamp(*bounds).exp())
+    return fitted if math.isfinite(fitted) else 1.0  # a NaN logit makes the search NaN: no T, not NaN
+
+
+@dataclass(frozen=True)
+class TemperatureChoice:
+    """What calibration decided: ``temperature`` (None = keep the raw softmax) and the one line saying so."""
+
+    temperature: Optional[float]
+    note: str
+
+
+def choose_temperature(logits: Any, labels: Any) -> TemperatureChoice:
+    """The rule every caller fits T by (training's end, test mode's fallback on val).
+
+    Fewer than ``MIN_CALIBRATION_IMAGES`` images, or a fitted T whose validation NLL is not
+    below the raw softmax's, keeps the raw softmax; otherwise T from ``fit_temperature``
+    (bounded), rounded to 6 digits as the checkpoint stores it.
+    """
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    n = len(y)
+    if n < MIN_CALIBRATION_IMAGES:
+        return TemperatureChoice(None, f"temperature not fitted on {n} validation images (fewer than "
+                                       f"{MIN_CALIBRATION_IMAGES}); probabilities stay the raw softmax")
+    t = round(fit_temperature(z, y), 6)
+    before, after = float(F.cross_entropy(z, y)), float(F.cross_entropy(z / t, y))
+    if not after < before:
+        return TemperatureChoice(None, f"temperature not fitted: T = {t:.3f} did not lower the validation NLL "
+                                       f"({before:.4f} on {n} images); probabilities stay the raw softmax")
+    pinned = " (pinned at the bound of its range)" if t in (MIN_TEMPERATURE, MAX_TEMPERATURE) else ""
+    return TemperatureChoice(t, f"temperature {t:.3f}{pinned} fitted on {n} validation images (validation NLL "
+                                f"{before:.3f} -> {after:.3f}; calibrated probabilities)")
+
+
+def temperature_record(choice: Optional[TemperatureChoice]) -> Dict[str, Any]:
+    """The keys a checkpoint and ``summary.json`` record for ``choice`` (None: nothing was fitted)."""
+    if choice is None:
+        return {TEMPERATURE_KEY: None}
+    return {TEMPERATURE_KEY: choice.temperature, TEMPERATURE_NOTE_KEY: choice.note}
+
+
+def temperature_problem(value: Any) -> Optional[str]:
+    """Why a stored temperature cannot divide logits (a phrase), or None when it can or is None."""
+    if value is None:
+        return None
+    # bool is an int to Python, but True as a temperature is a corrupted field, not T = 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        return f"temperature {value!r}, which is not a finite number > 0"
+    return None
 
 
 def apply_temperature(logits: torch.Tensor, temperature: Optional[float]) -> torch.Tensor:

@@ -83,22 +83,28 @@ def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module,
                                   precision: str = "auto") -> Tuple[Optional[float], str]:
     """``(temperature, where it came from)``: the checkpoint's, else fitted on the validation split.
 
-    None when neither is possible (the train folder is gone): test mode then reports the
-    uncalibrated numbers only.
+    None when training decided on the raw softmax (the source is its note: refitting would
+    only repeat the decision), or when no fit is possible or trusted (the train folder is
+    gone, or ``choose_temperature``'s rule refuses, which it says once): test mode then
+    reports the uncalibrated numbers only.
     """
-    from inat.calibration import checkpoint_temperature, fit_temperature
+    from inat.calibration import TEMPERATURE_KEY, TEMPERATURE_NOTE_KEY, checkpoint_temperature, choose_temperature
 
     saved = checkpoint_temperature(state)
     if saved is not None:
         return saved, "checkpoint"
+    if TEMPERATURE_KEY in state:
+        return None, str(state.get(TEMPERATURE_NOTE_KEY) or "none")
     try:
         logits, labels = validation_logits(state, model, device, precision=precision)
     except (InatError, OSError) as err:
         print(f"no temperature: the checkpoint has none and the validation split is unavailable ({err})", flush=True)
         return None, "none"
-    if len(labels) == 0:
+    choice = choose_temperature(logits, labels)
+    if choice.temperature is None:
+        print(choice.note, flush=True)
         return None, "none"
-    return fit_temperature(logits, labels), "validation split (fitted by test mode)"
+    return choice.temperature, "validation split (fitted by test mode)"
 
 
 def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[str] = None,

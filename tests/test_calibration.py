@@ -80,7 +80,7 @@ def trained_run(tmp_path_factory):
     from inat.training import fit
 
     base = tmp_path_factory.mktemp("cal")
-    root = make_dataset(base / "data", n_train=20)
+    root = make_dataset(base / "data", n_train=40)  # 24 validation images: enough for a temperature fit
     cfg = OmegaConf.structured(Config)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"data.root={root}", *FAST, "train.epochs=2",
                                                        f"data.cache_dir={base / 'cache'}"]))
