@@ -15,7 +15,9 @@ from typing import Any, Dict
 
 import torch
 
+from inat.calibration import TEMPERATURE_KEY, temperature_problem
 from inat.errors import InatError
+from inat.run_folder import BEST, CHECKPOINTS, LAST
 from inat.runs import atomic_path
 
 FORMAT = "inat-checkpoint-v1"
@@ -64,6 +66,27 @@ def _check_fields(state: Dict[str, Any], path: Path) -> None:
     for key in ("data", "model"):
         if not isinstance(state["config"].get(key), dict):
             raise InatError(f"Checkpoint '{path}' has no '{key}' section in its config; it is not a complete inat checkpoint.")
+    # Every consumer divides logits by it: T = 0 gave NaN probabilities and T < 0 a reversed ranking.
+    problem = temperature_problem(state.get(TEMPERATURE_KEY))
+    if problem:
+        raise InatError(f"Checkpoint '{path}' has {problem}: dividing the logits by it gives meaningless "
+                        f"probabilities; use a checkpoint written by an inat run.")
+
+
+def _folder_hint(path: Path) -> str:
+    """The sentence for ``ckpt=`` a folder: the checkpoint inside it when there is one.
+
+    The folder may be a run folder or its checkpoints/ folder itself; the hint used to append
+    checkpoints/best.pt to either, naming checkpoints/checkpoints/best.pt for the second.
+    """
+    inner = path if path.name == CHECKPOINTS else path / CHECKPOINTS
+    names = [Path(BEST).name, Path(LAST).name]
+    for candidate in dict.fromkeys([path / n for n in names] + [inner / n for n in names]):
+        if candidate.is_file():
+            return f"Checkpoint '{path}' is a directory; pass the file inside it: ckpt={candidate}."
+    where = "it" if inner == path else f"it or {inner}"
+    return (f"Checkpoint '{path}' is a directory with no {names[0]} or {names[1]} in {where}; pass a checkpoint "
+            f"file, e.g. ckpt={inner / names[0]} of a run that has finished an epoch.")
 
 
 def load_checkpoint(path: str | os.PathLike | None) -> Dict[str, Any]:
@@ -72,7 +95,7 @@ def load_checkpoint(path: str | os.PathLike | None) -> Dict[str, Any]:
         raise InatError("This mode needs a checkpoint: add ckpt=PATH (e.g. ckpt=outputs/train/<run>/checkpoints/best.pt).")
     path = Path(path)
     if path.is_dir():
-        raise InatError(f"Checkpoint '{path}' is a directory; pass the file inside it, e.g. {path}/checkpoints/best.pt.")
+        raise InatError(_folder_hint(path))
     if not path.exists():
         raise InatError(f"Checkpoint '{path}' does not exist.")
     try:
