@@ -223,6 +223,14 @@ class DetectConfig:
     save_video: bool = True
 
 
+# lr_find.rule's choices and what each reads off the curve (lr_find.json's rule_says).
+LR_FIND_RULES: Dict[str, str] = {
+    "steepest": "steepest descent of the smoothed loss per decade of lr, before its minimum",
+    "min_over_10": "a tenth of the lr at the smoothed loss's minimum",
+}
+LR_FIND_MIN_STEPS = 8  # fewer points than this cannot show a descent and a divergence
+
+
 @dataclass
 class LrFindConfig:
     # The learning-rate range test (+mode=lr_find): the reference lr (train.lr's group) ramps
@@ -232,7 +240,7 @@ class LrFindConfig:
     steps: int = 100
     smoothing: float = 0.9  # EMA factor of the loss curve (bias-corrected)
     diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
-    rule: str = "steepest"  # steepest (largest descent of smoothed loss) | min_over_10 (loss minimum / 10)
+    rule: str = "steepest"  # a key of LR_FIND_RULES
 
 
 @dataclass
@@ -284,6 +292,12 @@ RANGES: Dict[str, str] = {
     "predict.top_k": "[1, inf)", "predict.batch_size": "[1, inf)", "predict.workers": "[0, inf)",
     "export.verify_images": "[1, inf)", "export.opset": "[7, 23]", "export.tolerance": "(0, inf)",
     "detect.conf": "[0, 1]", "detect.iou": "[0, 1]", "detect.size": "[32, 4096]", "detect.loiter_frames": "[1, inf)",
+    # lr_find: the ramp's ends are learning rates (start < end is checked in config_errors);
+    # smoothing is an EMA factor, and 1 never moves (its bias correction divides by 0); the
+    # divergence stop compares the smoothed loss with its minimum, so a multiple <= 1 stops at
+    # the first step allowed, whatever the curve.
+    "lr_find.start_lr": "(0, inf)", "lr_find.end_lr": "(0, inf)", "lr_find.steps": f"[{LR_FIND_MIN_STEPS}, inf)",
+    "lr_find.smoothing": "[0, 1)", "lr_find.diverge": "(1, inf)",
     "seed": "[0, inf)",
 }
 
@@ -303,7 +317,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "explain.what": ("grid", "filters", "guided_backprop", "confusion", "gradcam"),
     "explain.cam_method": ("gradcam", "gradcam++"),
     "train.class_weights": ("none", "auto"),
-    "lr_find.rule": ("steepest", "min_over_10"),
+    "lr_find.rule": tuple(LR_FIND_RULES),
     "explain.pick": ("random", "confident", "mistakes"),
     "export.format": ("onnx", "torchscript"),
     "export.onnx_exporter": ("legacy", "dynamo"),
@@ -381,6 +395,9 @@ def config_errors(cfg: Any) -> List[str]:
     size = _select(cfg, "detect.size")
     if isinstance(size, int) and size % 32:
         errors.append(f"detect.size must be a multiple of 32 (the detector's stride), got {size}.")
+    start, end = _select(cfg, "lr_find.start_lr"), _select(cfg, "lr_find.end_lr")
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)) and not start < end:
+        errors.append(f"lr_find.start_lr must be below lr_find.end_lr (the ramp grows), got {start} and {end}.")
     return errors
 
 

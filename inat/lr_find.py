@@ -29,13 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inat.config import LR_FIND_MIN_STEPS as MIN_STEPS
+from inat.config import LR_FIND_RULES as RULES
 from inat.errors import InatError
-
-RULES = {
-    "steepest": "steepest descent of the smoothed loss per decade of lr, before its minimum",
-    "min_over_10": "a tenth of the lr at the smoothed loss's minimum",
-}
-MIN_STEPS = 8  # fewer points than this cannot show a descent and a divergence
 
 
 def ramp(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
@@ -86,11 +82,7 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
     from inat.training.data import SEED_AUG, SEED_INIT, SEED_ORDER, load_data, resolve_root
     from inat.training.optim import make_optimizer
 
-    lf = cfg.lr_find
-    if lf.rule not in RULES:
-        raise InatError(f"Unknown lr_find.rule '{lf.rule}': valid are {', '.join(RULES)}.")
-    if not 0 < float(lf.start_lr) < float(lf.end_lr):
-        raise InatError(f"lr_find needs 0 < start_lr < end_lr (got {lf.start_lr} and {lf.end_lr}).")
+    lf = cfg.lr_find  # its ranges, the rule and start_lr < end_lr were checked with the config
     if int(cfg.train.threads) > 0:
         torch.set_num_threads(int(cfg.train.threads))
     device = pick_device()
