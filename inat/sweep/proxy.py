@@ -22,8 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from inat.errors import InatError
 from inat.run_folder import PROMOTION, read_sweep_info
 from inat.runs import write_json
+from inat.sweep.study import open_study
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 
@@ -79,7 +81,10 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
     url = f"sqlite:///{out_dir.resolve()}/optuna.db"
     name = f"{info.get('study_name') or 'inat'}_promoted"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=url, direction="maximize", load_if_exists=True)
+    try:
+        study = open_study(name, url, direction="maximize")
+    except InatError as err:
+        raise SystemExit(f"error: {err}") from None
     if study.trials:
         raise SystemExit(f"error: '{out_dir}' already holds a promotion study; pick a new --out folder.")
     for cfg in best:

@@ -21,7 +21,6 @@ The plugin's ``sweep`` loop, rewritten around the same helpers, adds:
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -31,6 +30,7 @@ from omegaconf import OmegaConf
 
 from inat.run_folder import BUDGET_PREFIX, SWEEP_INFO, Summary, write_summary
 from inat.runs import write_json
+from inat.sweep.study import hide_password, open_study
 from inat.sweep.trials import read_trial
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,6 @@ def continue_sampler(sampler: Any, seed: Optional[int], n_trials: int) -> bool:
     return True
 
 
-def hide_password(url: Optional[str]) -> Optional[str]:
-    """A storage URL safe to write into a folder: ``user:***@host`` instead of the password."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url) if url else url
-
-
 def write_sweep_info(sweep_dir: Path, impl: Any, study_name: str, arguments: List[str], budget: float) -> None:
     """``sweep.json``: what the report and the proxy promotion need (Optuna writes no multirun.yaml)."""
     params = OmegaConf.to_container(impl.params, resolve=True) if impl.params is not None else {}
@@ -104,8 +99,10 @@ class InatOptunaSweeper(OptunaSweeper):
     """The Optuna sweeper of ``conf/hydra/sweeper/optuna.yaml`` (same constructor as the plugin's)."""
 
     def sweep(self, arguments: List[str]) -> None:
-        import optuna
         from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+        from inat.cli import fail
+        from inat.errors import InatError
 
         impl = self.sweeper
         assert impl.config is not None and impl.launcher is not None
@@ -116,8 +113,6 @@ class InatOptunaSweeper(OptunaSweeper):
 
         errors = sweep_errors(impl.n_trials, OmegaConf.to_container(impl.params) if impl.params else {}, arguments)
         if errors:  # Optuna would answer an inverted interval with a raw traceback
-            from inat.cli import fail
-
             fail(errors[0])
         impl._process_searchspace_config()
         params_conf = impl._parse_sweeper_params_config() + list(arguments)
@@ -137,8 +132,10 @@ class InatOptunaSweeper(OptunaSweeper):
             check_dataset(cfg.data)
         # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(study_name=impl.study_name, storage=impl.storage, sampler=impl.sampler,
-                                    directions=directions, load_if_exists=True)
+        try:  # two sweeps starting on one new SQLite file race to create it
+            study = open_study(impl.study_name, impl.storage, sampler=impl.sampler, directions=directions)
+        except InatError as err:
+            fail(str(err))
         log.info(f"Study {study.study_name} in {impl.storage} ({type(impl.sampler).__name__}, {directions[0]}); "
                  f"trial folders in {sweep_dir}")
         if impl.storage and not str(impl.storage).startswith("sqlite") and hasattr(impl.sampler, "reseed_rng"):
