@@ -95,6 +95,27 @@ def check_dataset(data_cfg: Any) -> None:
         fail(str(err))
 
 
+def release_failures(returns: Sequence[Any]) -> None:
+    """Drop the tracebacks (and so the frames) of failed trials' exceptions, keeping the exceptions."""
+    for ret in returns:
+        err, seen = getattr(ret, "_return_value", None), set()
+        while isinstance(err, BaseException) and id(err) not in seen:
+            seen.add(id(err))
+            err.__traceback__ = None
+            err = err.__cause__ or err.__context__
+
+
+def free_device_memory() -> None:
+    """Collect what finished trials left (reference cycles) and hand cached CUDA blocks back."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # a sweep that never imported torch has nothing to free
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class InatOptunaSweeper(OptunaSweeper):
     """The Optuna sweeper of ``conf/hydra/sweeper/optuna.yaml`` (same constructor as the plugin's)."""
 
@@ -165,11 +186,25 @@ class InatOptunaSweeper(OptunaSweeper):
             else:  # another worker took numbers in between: launch one by one to keep folder = number
                 groups = [([t], [o]) for t, o in zip(batch, overrides)]
             for trials, ovs in groups:
-                returns = impl.launcher.launch(ovs, initial_job_idx=trials[0].number)
-                self._tell(study, trials, returns, sweep_dir)
+                self._launch_and_tell(study, trials, ovs, sweep_dir)
             to_go -= len(batch)
 
         self._save_results(study, sweep_dir)
+
+    def _launch_and_tell(self, study: Any, trials: Sequence[Any], overrides: Sequence[Any], sweep_dir: Path) -> None:
+        """Run one batch of trials in this process and tell Optuna; nothing of theirs outlives the call.
+
+        A failed trial's JobReturn holds its exception, whose traceback holds the training
+        frames and so the model, optimizer and GPU-resident cache: kept until the next launch
+        returned, one CUDA OOM made the trials after it run out of memory too.
+        """
+        returns = self.sweeper.launcher.launch(overrides, initial_job_idx=trials[0].number)
+        try:
+            self._tell(study, trials, returns, sweep_dir)
+        finally:
+            release_failures(returns)
+            del returns
+            free_device_memory()
 
     def _tell(self, study: Any, trials: Sequence[Any], returns: Sequence[Any], sweep_dir: Path) -> None:
         """Report each trial's curve, then tell COMPLETE / PRUNED / FAIL like the plugin does."""
