@@ -383,7 +383,7 @@ def config_errors(cfg: Any) -> List[str]:
     if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha)):
         errors.append(f"data.sha256 must be 64 hexadecimal characters (the output of sha256sum), got '{sha}'.")
     if _select(cfg, "explain.what") is not None and len(_select(cfg, "explain.what")) == 0:
-        errors.append("explain.what is empty: list one or more of grid, filters, guided_backprop, confusion.")
+        errors.append(f"explain.what is empty: list one or more of {', '.join(CHOICES['explain.what'])}.")
     kernel = _select(cfg, "model.kernel_size")
     kernels = list(kernel) if kernel is not None and not isinstance(kernel, (int, str)) else [kernel]
     if kernel is not None and (not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernels)
