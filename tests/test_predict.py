@@ -7,11 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import make_dataset, run_cli
 from inat.checkpoint import save_checkpoint
-from inat.config import Config
 from inat.errors import InatError
 
 CLASSES = ["class_0", "class_1", "class_2"]
@@ -19,6 +17,9 @@ CLASSES = ["class_0", "class_1", "class_2"]
 
 def make_checkpoint(path: Path, data_root: Path, image_size: int = 32, seed: int = 0) -> Path:
     """A scratch-CNN checkpoint with seeded random weights, as a training run would save it."""
+    from omegaconf import OmegaConf  # here, not at module level: a machine without it still collects this file
+
+    from inat.config import Config
     from inat.models import build_from_config
 
     cfg = OmegaConf.to_container(OmegaConf.structured(Config))
@@ -43,6 +44,10 @@ def setup(tmp_path):
 
 
 def predict_cfg(ckpt: Path, inputs, **predict):
+    from omegaconf import OmegaConf
+
+    from inat.config import Config
+
     cfg = OmegaConf.structured(Config)
     cfg.ckpt = str(ckpt)
     cfg.predict.inputs = [str(p) for p in inputs]
