@@ -7,7 +7,9 @@ of a model) with a :class:`Precision` chosen once per process by :func:`choose_p
 The precision policy is decided from what the hardware does natively, never from the machine
 a default was tuned on: bf16 autocast is fast only where the CPU has AVX512-BF16 or AMX, or
 the GPU has compute capability 8.0 or newer; elsewhere it is emulated and several times
-slower than fp32 (measured on an AVX2 CPU: 0.2x). Older GPUs get fp16 with a GradScaler.
+slower than fp32 (measured on an AVX2 CPU: 0.2x). Older GPUs with fast fp16 (Volta, Turing
+and the P100) get fp16 with a GradScaler; Pascal's 6.1 parts (GTX 10xx, P4, P40) compute fp16
+at a small fraction of their fp32 rate, so they stay fp32.
 """
 from __future__ import annotations
 
@@ -28,10 +30,19 @@ _ALIASES = {"fp32": "32", "float32": "32", "bfloat16": "bf16", "fp16": "16", "fl
 
 
 def pick_device() -> torch.device:
-    """The local rank's GPU under torchrun, the first GPU, else the CPU."""
+    """The local rank's GPU under torchrun, the first GPU, else the CPU.
+
+    The index wraps around the visible GPUs: a scheduler that shows each task only its own GPU
+    (SLURM ``--gpus-per-task=1``, CUDA_VISIBLE_DEVICES per rank) gives local rank 1 one device, cuda:0.
+    """
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def fast_fp16(major: int, minor: int) -> bool:
+    """True where fp16 arithmetic is at least as fast as fp32: compute capability 7.0+, and 6.0 (the P100)."""
+    return major >= 7 or (major, minor) == (6, 0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -96,19 +107,20 @@ def choose_precision(requested: object, device: torch.device) -> Precision:
     """Decide the precision for ``device``: ``auto`` follows the hardware; explicit choices are kept.
 
     auto: bf16 on CUDA with compute capability >= 8.0 and on CPUs with native bf16; fp16 with a
-    GradScaler on older CUDA GPUs; fp32 everywhere else. An explicit bf16/16 that the hardware
-    only emulates is honoured with a one-line warning on stderr.
+    GradScaler on older CUDA GPUs with fast fp16 (:func:`fast_fp16`); fp32 everywhere else. An
+    explicit bf16/16 that the hardware only emulates (or runs slowly) is honoured with a one-line
+    warning on stderr.
     """
     name = normalise_precision_name(requested)
     dev = device.type
     if dev == "cuda":
         major, minor = cuda_capability(device)
-        native = {"32": True, "bf16": major >= 8, "16": major >= 6}
+        native = {"32": True, "bf16": major >= 8, "16": fast_fp16(major, minor)}
         where = f"CUDA compute capability {major}.{minor}"
         if name == "auto":
             if major >= 8:
                 return Precision("bf16", f"auto: {where} has native bf16", dev)
-            if major >= 6:
+            if native["16"]:
                 return Precision("16", f"auto: {where} has fp16 but no native bf16 (fp16 with GradScaler)", dev)
             return Precision("32", f"auto: {where} has no fast half precision", dev)
     else:
@@ -163,13 +175,27 @@ class Normalizer:
 
 
 def to_device_batch(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on ``device``: pinned and non-blocking for CUDA, a plain copy on the CPU."""
-    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        if t.device.type == "cpu":
+    """A host batch on ``device``: pinned and non-blocking for CUDA, a plain copy on the CPU.
+
+    A numpy batch (often a slice of the read-only decode cache) is copied once: straight into
+    pinned memory on CUDA (torch's pinned allocator keeps the block until the copy has run),
+    into a writable array on the CPU.
+    """
+    if isinstance(array, torch.Tensor):
+        t = array
+        if device.type == "cuda" and t.device.type == "cpu":
             t = t.pin_memory()
-        return t.to(device, non_blocking=True)
-    return t.to(device)
+    elif device.type == "cuda":
+        t = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, pin_memory=True)
+        t.numpy()[...] = array  # (B, ...) one host copy, into the pinned block
+    else:
+        return torch.from_numpy(np.array(array))
+    return t.to(device, non_blocking=True)
+
+
+# forward_batches copies its outputs to the host once this many bytes have piled up on the device
+# (once at the end for logits): one wait per flush instead of one per batch, memory bounded.
+FLUSH_BYTES = 256 * 2**20
 
 
 def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray | torch.Tensor,
@@ -180,24 +206,34 @@ def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarr
 
     ``prepare`` turns a host batch on the device into the function's input (normalising
     uint8 images, casting cached features). Outputs are concatenated as ``out_dtype`` on the
-    CPU, or on the device with ``keep_on_device`` (validation reads them with one sync).
+    CPU, or on the device with ``keep_on_device`` (validation reads them with one sync). The
+    host never waits per batch: outputs stay on the device and go to the host together, at
+    the end or whenever :data:`FLUSH_BYTES` of them have piled up.
     """
     from tqdm import tqdm
 
-    outs = []
+    done: list = []  # host chunks (or device outputs with keep_on_device)
+    pending: list = []  # device outputs not yet copied to the host
+    pending_bytes = 0
     starts = range(0, len(inputs), batch_size)
     for start in tqdm(starts, desc=progress or "eval", disable=progress is None, leave=False, mininterval=1.0):
-        batch = inputs[start:start + batch_size]
-        if isinstance(batch, np.ndarray):
-            batch = np.array(batch)  # the decode cache is a read-only memory map
-        x = prepare(to_device_batch(batch, device))
+        x = prepare(to_device_batch(inputs[start:start + batch_size], device))
         with precision.autocast():
             y = fn(x)
         y = y.to(out_dtype)
-        outs.append(y if keep_on_device else y.cpu())
-    if not outs:
+        if keep_on_device or device.type == "cpu":
+            done.append(y)
+            continue
+        pending.append(y)
+        pending_bytes += y.numel() * y.element_size()
+        if pending_bytes >= FLUSH_BYTES:
+            done.append(torch.cat(pending).cpu())
+            pending, pending_bytes = [], 0
+    if pending:
+        done.append(torch.cat(pending).cpu())
+    if not done:
         return torch.zeros(0)
-    return torch.cat(outs)
+    return torch.cat(done)
 
 
 def batched_logits(model: nn.Module, images: np.ndarray | torch.Tensor, mean: Sequence[float],
