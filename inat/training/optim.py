@@ -38,8 +38,9 @@ def make_optimizer(model: nn.Module, train_cfg: Any, optim_cfg: Any, finetune_cf
     """AdamW / Adam / SGD; no weight decay on biases and norm weights (1-d parameters).
 
     Each group keeps its own ``base_lr`` (fine-tuning's discriminative rates), which the
-    schedule multiplies. On CUDA, Adam and AdamW use the fused kernel (one launch per step,
-    and GradScaler's inf check happens inside it instead of as a host sync).
+    schedule multiplies. On CUDA every optimizer uses its fused kernel: one launch per step,
+    and GradScaler's inf check happens inside it instead of as a host sync (with a non-fused
+    optimizer ``GradScaler.step`` reads ``found_inf`` with ``.item()`` every step).
     """
     lr, wd = float(train_cfg.lr), float(optim_cfg.weight_decay)
     if finetune_cfg.strategy != "none":
@@ -59,7 +60,8 @@ def make_optimizer(model: nn.Module, train_cfg: Any, optim_cfg: Any, finetune_cf
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, **fused)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov))
+        return torch.optim.SGD(groups, lr=lr, momentum=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov),
+                               **fused)
     raise InatError(f"Unknown optim.name '{name}': valid are {', '.join(OPTIMIZERS)}.")
 
 
