@@ -1,8 +1,10 @@
 """The training loop: ``setup`` -> ``train_one_epoch`` / evaluate per epoch -> ``finish``.
 
 The host never waits for the device inside an epoch: the loss and correct counts stay on
-the device and are read once per epoch (and at the progress bar's log interval). Under
-torchrun every stopping decision is rank 0's, broadcast (see ``inat.training.distributed``).
+the device and are read once per epoch (and at the progress bar's log interval), and the
+epoch's time is taken after that read, when the device has finished the epoch's work. Under
+torchrun every stopping decision is rank 0's, broadcast (see ``inat.training.distributed``),
+and each rank validates its share of the validation split.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,7 +32,9 @@ from inat.models import InatModel, build_from_config
 from inat.run_folder import Summary
 from inat.runs import acquire_run_lock, world
 from inat.training import distributed, resume
+from inat.training.collectives import sum_over_ranks
 from inat.training.data import SEED_AUG, SEED_INIT, TrainData, epoch_order, load_data, resolve_root
+from inat.training.ema import ModelEMA
 from inat.training.optim import check_schedule, lr_factor, make_optimizer, set_lr
 from inat.training.sources import FeatureSource, ImageSource, PrefixViewSource
 from inat.training.writer import RunWriter, environment, rng_state
@@ -50,7 +54,7 @@ class Setup:
     scaler: Any
     wrapper: Optional[distributed.Wrapper]  # built once the source says which module the step trains
     writer: RunWriter
-    ema: Optional[nn.Module] = None
+    ema: Optional[ModelEMA] = None
     cache_seconds: float = 0.0
     state: Dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "step": 0, "train_seconds": 0.0,
                                                            "best_val_accuracy": -1.0, "best_epoch": 0,
@@ -91,13 +95,36 @@ class Budget:
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """cuDNN autotuning for speed, or deterministic kernels when a resumed GPU run must be exact."""
+    """cuDNN autotuning for speed, or deterministic kernels when a resumed GPU run must be exact.
+
+    These flags are process-global; ``fit`` puts back what it found (:func:`backend_flags`),
+    so one deterministic sweep trial does not leave the later trials deterministic and untuned.
+    """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def backend_flags() -> Dict[str, Any]:
+    """The process-global settings :func:`configure_backends` changes, to restore with :func:`restore_backends`."""
+    cudnn = torch.backends.cudnn
+    return {"deterministic": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_deterministic": cudnn.deterministic, "cudnn_benchmark": cudnn.benchmark,
+            "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
+def restore_backends(flags: Dict[str, Any]) -> None:
+    torch.use_deterministic_algorithms(flags["deterministic"], warn_only=flags["warn_only"])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = (flags["cudnn_deterministic"],
+                                                                          flags["cudnn_benchmark"])
+    if flags["cublas_workspace"] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = flags["cublas_workspace"]
 
 
 def loss_fn(cfg: DictConfig, weight: Optional[torch.Tensor] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -145,7 +172,7 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
         s.scaler.step(optimizer)
         s.scaler.update()
         if s.ema is not None:
-            s.ema.update_parameters(s.model)
+            s.ema.update()
         state["step"] += 1
         hard = target.argmax(1) if target.ndim == 2 else target
         correct += (logits.argmax(1) == hard).sum()
@@ -157,9 +184,11 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
         if budget.over:
             break
     bar.close()
+    # The read waits for the device: the steps still queued there belong to this epoch's time.
+    train_loss, n_correct = loss_sum.item(), correct.item()
     dt = budget.epoch_seconds()
     state["train_seconds"] += dt
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1),
+    return {"train_loss": train_loss / max(seen, 1), "train_accuracy": n_correct / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"], "images_per_sec": seen * world_size / max(dt, 1e-9)}
 
 
@@ -171,6 +200,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         torch.set_num_threads(int(cfg.train.threads))
     device = pick_device()
     distributed.init(device)
+    check_same_run_dir(Path(run_dir), device)
     configure_backends(device, bool(cfg.train.deterministic))
     check_schedule(cfg.optim.schedule)
     precision = process_precision(cfg.train.precision, device, announce=is_main)
@@ -198,11 +228,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.train, cfg.optim, cfg.finetune, device)
-    ema = None
-    if float(cfg.train.ema) > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(cfg.train.ema)), use_buffers=True)
+    ema = ModelEMA(model, float(cfg.train.ema)) if float(cfg.train.ema) > 0 else None
     s = Setup(cfg, device, precision, model, data, None, optimizer, precision.grad_scaler(), None,
               RunWriter(run_dir, cfg, cfg_dict, is_main), ema)
     if saved is not None:
@@ -215,15 +241,61 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
                      f"{s.source.kind}")
     # The step trains source.module: the model, or only its head (cached features) or suffix (prefix views).
     s.wrapper = distributed.Wrapper(s.source.module, device, compile=bool(cfg.train.compile))
+    if world_size > 1:
+        shard_validation(s.source, rank, world_size)
     return s
+
+
+def check_same_run_dir(run_dir: Path, device: torch.device) -> None:
+    """Refuse a torchrun job whose ranks were given different run folders (no-op in one process).
+
+    Rank 0 alone writes and reads the run folder, but a later ``resume=true`` must name it, and
+    Hydra's default folder is the start time, which differs between ranks started in different
+    seconds or on different nodes.
+    """
+    mine = str(run_dir.absolute())
+    others = sum_over_ranks([distributed.decide(mine) != mine], device)[0]  # ranks whose folder is not rank 0's
+    if others:
+        raise InatError(f"Under torchrun every rank must use the same run folder, and {others:.0f} rank(s) got another "
+                        f"one than rank 0 (Hydra's default is the start time, which differs between ranks): set "
+                        f"hydra.run.dir=RUN_DIR on the command line.")
+
+
+def shard_validation(source: ImageSource, rank: int, world_size: int) -> None:
+    """Keep this rank's share of the validation images (every ``world_size``-th from ``rank``).
+
+    Under torchrun the input is always images (cached features and prefix views run in one
+    process), and :func:`validate` adds the ranks' shares up, so no rank scores the whole split.
+    """
+    assert isinstance(source, ImageSource), type(source)
+    source.val_images = source.val_images[rank::world_size]
+    source.val_labels = source.val_labels[rank::world_size]
+
+
+def validate(s: "Setup", model: nn.Module) -> Tuple[float, float]:
+    """Validation ``(loss, accuracy)`` of ``model``, the same on every rank.
+
+    In one process the source scores the whole split. Under torchrun each rank scores its
+    shard and one all-reduce per epoch sums (loss x n, correct, n) over the ranks.
+    """
+    if not distributed.active():
+        loss, acc = s.source.evaluate(model)
+        return float(loss), float(acc)
+    n = len(s.source.val_labels)
+    loss, acc = (float(v) for v in s.source.evaluate(model)) if n else (0.0, 0.0)
+    loss_sum, correct, total = sum_over_ranks([loss * n, round(acc * n), n], s.device)
+    return loss_sum / total, correct / total
 
 
 def _source(s: Setup, channels_last: bool, progress: bool):
     cfg, ft = s.cfg, s.cfg.finetune
     common = dict(channels_last=channels_last, eval_batch_size=int(cfg.train.eval_batch_size))
     _, world_size = world()
-    if ft.strategy == "linear_probe" and ft.cached_features and world_size == 1:
-        return FeatureSource(s.model, s.data, s.model.spec, s.precision, s.device, progress=progress, **common)
+    if ft.strategy == "linear_probe" and ft.cached_features:
+        if world_size == 1:
+            return FeatureSource(s.model, s.data, s.model.spec, s.precision, s.device, progress=progress, **common)
+        s.writer.say("finetune.cached_features works in one process: under torchrun the linear probe runs the "
+                     "frozen backbone on the augmented images every step instead (slower).")
     if ft.strategy == "partial" and int(ft.cache_views) > 0:
         if world_size > 1:
             raise InatError("finetune.cache_views works in one process; set finetune.cache_views=0 under torchrun.")
@@ -266,8 +338,12 @@ def fit(cfg: DictConfig, run_dir: Path,
     run folder's lock throughout: a second training into the same folder is refused.
     """
     rank, _ = world()
-    with acquire_run_lock(Path(run_dir)) if rank == 0 else contextlib.nullcontext():
-        return _fit(cfg, Path(run_dir), epoch_callback)
+    flags = backend_flags()
+    try:
+        with acquire_run_lock(Path(run_dir)) if rank == 0 else contextlib.nullcontext():
+            return _fit(cfg, Path(run_dir), epoch_callback)
+    finally:
+        restore_backends(flags)  # deterministic kernels or autotuning were this run's, not the process's
 
 
 def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> Dict[str, Any]:
@@ -291,7 +367,7 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> 
         else:
             s.model.train()
         row = train_one_epoch(s, epoch, budget, criterion)
-        val_loss, val_acc = (float(v) for v in s.source.evaluate(s.ema.module if s.ema is not None else s.model))
+        val_loss, val_acc = validate(s, s.ema.module if s.ema is not None else s.model)
         state["epoch"] = epoch + 1
         record = {"epoch": epoch + 1, "train_loss": round(row["train_loss"], 6),
                   "train_accuracy": round(row["train_accuracy"], 6), "val_loss": round(val_loss, 6),
@@ -354,17 +430,22 @@ def _summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[Temp
 
     state, hist, model, data = s.state, s.state["history"], s.model, s.data
     _, world_size = world()
+    rates = [h["images_per_sec"] for h in hist]
+    # Epoch 1 carries cuDNN autotuning, compilation and cold caches; the later epochs are the steady rate.
+    throughput = {"first_epoch_images_per_sec": rates[0] if rates else None,
+                  "steady_images_per_sec": round(sum(rates[1:]) / len(rates[1:]), 1) if len(rates) > 1 else None}
     return Summary(
         best_val_accuracy=state["best_val_accuracy"], val_accuracy=hist[-1]["val_accuracy"] if hist else None,
         best_epoch=state["best_epoch"], epochs=state["epoch"], steps=state["step"], stop_reason=stop_reason,
-        train_images_per_sec=round(sum(h["images_per_sec"] for h in hist) / max(1, len(hist)), 1),
+        train_images_per_sec=round(sum(rates) / max(1, len(rates)), 1),
         train_seconds=round(state["train_seconds"], 2), wall_seconds=round(wall, 2),
         cache_seconds=round(s.cache_seconds, 2), params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), model=model.spec.name,
         classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
         world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
         environment=environment(s.device), config=s.writer.cfg_dict,
-        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature)})
+        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature),
+               **throughput})
 
 
 def _write_digest(s: Setup, run_dir: Path, rank: int) -> None:
@@ -375,5 +456,8 @@ def _write_digest(s: Setup, run_dir: Path, rank: int) -> None:
     for name, tensor in sorted(s.model.named_parameters()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    (run_dir / f"rank{rank}.digest.json").write_text(json.dumps({"step": s.state["step"], "sha256": h.hexdigest(),
-                                                                  "rebuilds": s.wrapper.rebuilds}))
+    last = s.state["history"][-1] if s.state["history"] else {}
+    (run_dir / f"rank{rank}.digest.json").write_text(json.dumps({
+        "step": s.state["step"], "sha256": h.hexdigest(), "rebuilds": s.wrapper.rebuilds,
+        "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
+        "val_images": len(getattr(s.source, "val_labels", ()))}))

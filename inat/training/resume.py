@@ -3,7 +3,9 @@
 A resumed run rebuilds everything from the config and today's ``train/``, then loads
 ``last.pt`` into it. Each check runs before the step it protects: the checkpoint and its
 config before any image is decoded, the split before ``split.json`` is rewritten, so a
-refused resume leaves the run folder as it found it.
+refused resume leaves the run folder as it found it. Under torchrun only rank 0 reads
+``last.pt`` (only rank 0 writes it, so on a second node without a shared run folder it is
+not there) and hands it to the others.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from inat.checkpoint import load_checkpoint
 from inat.data.split import split_changes
 from inat.errors import InatError
 from inat.run_folder import BEST, LAST, SUMMARY
+from inat.runs import world
+from inat.training import distributed
 from inat.training.writer import restore_rng
 
 if TYPE_CHECKING:
@@ -32,7 +36,26 @@ def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def load_last(run_dir: Path, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """The run folder's ``last.pt``, refused when it is missing or was written with another config."""
+    """The run folder's ``last.pt``, refused when it is missing or was written with another config.
+
+    Under torchrun rank 0 reads and checks it, then broadcasts the checkpoint, or its refusal,
+    so every rank resumes from the same state or stops with the same sentence.
+    """
+    if not distributed.active():
+        return _read_last(run_dir, cfg_dict)
+    outcome: Any = None
+    if world()[0] == 0:
+        try:
+            outcome = _read_last(run_dir, cfg_dict)
+        except InatError as err:
+            outcome = err
+    outcome = distributed.decide(outcome)
+    if isinstance(outcome, InatError):
+        raise outcome
+    return outcome
+
+
+def _read_last(run_dir: Path, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     last, best = run_dir / LAST, run_dir / BEST
     if not last.is_file() and best.is_file():
         # save_epoch_checkpoints writes best.pt first: a kill between the two writes of epoch 1 leaves only best.pt.
