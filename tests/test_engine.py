@@ -46,8 +46,9 @@ def test_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected):
     assert not p.needs_scaler
 
 
+# Pascal 6.1 (GTX 10xx, P4, P40) computes fp16 at a fraction of its fp32 rate: fp32; the P100 (6.0) has fast fp16.
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "16"), ((7, 0), "16"),
-                                                  ((6, 1), "16"), ((5, 2), "32")])
+                                                  ((6, 0), "16"), ((6, 1), "32"), ((5, 2), "32")])
 def test_auto_on_cuda_follows_compute_capability(monkeypatch, capability, expected):
     monkeypatch.setattr(inference, "cuda_capability", lambda device: capability)
     p = choose_precision("auto", torch.device("cuda", 0))
@@ -124,40 +125,85 @@ def test_fp32_and_bf16_need_no_scaler():
     assert not Precision("bf16", "").grad_scaler().is_enabled()
 
 
+# Code whose syncs count: inat's own, and the torch code the step calls that reads tensors on the
+# host (the GradScaler's found_inf check of a non-fused optimizer, AveragedModel's step count).
+_SYNC_SOURCES = (str(REPO / "inat"), str(Path(torch.__file__).parent / "amp" / "grad_scaler.py"),
+                 str(Path(torch.__file__).parent / "optim" / "swa_utils.py"))
+
+
 def _count_host_syncs(monkeypatch):
-    """Count tensor -> Python conversions (each a device sync on a GPU) made by inat's own code."""
-    counter = {"n": 0}
-    inat_dir = str(REPO / "inat")
+    """Count what waits for the device on a GPU, made from ``_SYNC_SOURCES``.
+
+    - tensor -> Python conversions (``item``, ``float()``, ``bool()``, ...);
+    - blocking ``.to(device)`` of a one-element CPU tensor: on CUDA a host->device copy from
+      pageable memory that waits for the stream (AveragedModel's ``n_averaged.to(device)``).
+      Bigger CPU tensors are host batches, which the engine copies with ``non_blocking=True``;
+      a dtype-only ``.to()`` moves nothing.
+    """
+    counter = {"n": 0, "where": []}
+
+    def from_sources() -> bool:
+        where = sys._getframe(2).f_code
+        if where.co_filename.startswith(_SYNC_SOURCES):
+            counter["n"] += 1
+            counter["where"].append(f"{Path(where.co_filename).name}:{where.co_name}")
+            return True
+        return False
 
     def wrap(name):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, **kwargs):
-            if sys._getframe(1).f_code.co_filename.startswith(inat_dir):
-                counter["n"] += 1
+            from_sources()
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
 
     for name in ("item", "__float__", "__int__", "__bool__", "tolist", "numpy"):
         wrap(name)
+    original_to = torch.Tensor.to
+
+    def counted_to(self, *args, **kwargs):
+        moves = "device" in kwargs or any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args)
+        if moves and self.device.type == "cpu" and self.numel() == 1 and not kwargs.get("non_blocking", False):
+            from_sources()
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counted_to)
     return counter
 
 
-def test_no_host_sync_per_step(tmp_path, monkeypatch):
+def _cuda_optimizer(s):
+    """The optimizer ``setup`` builds on a GPU (fused), here on the CPU parameters: fused SGD has CPU kernels."""
+    from inat.training.optim import make_optimizer
+
+    return make_optimizer(s.model, s.cfg.train, s.cfg.optim, s.cfg.finetune, torch.device("cuda"))
+
+
+# Every recipe the review found syncing (E1-E4): defaults, CutMix + erasing + crops, TrivialAugment,
+# EMA, and SGD under fp16's GradScaler with the optimizer a GPU run builds.
+SYNC_RECIPES = {"defaults": [], "aug_strong": ["aug=strong"], "trivial_augment": ["aug.trivial_augment=true"],
+                "ema": ["train.ema=0.9"], "sgd_fp16": ["optim=sgd", "train.precision=16"]}
+
+
+@pytest.mark.parametrize("recipe", list(SYNC_RECIPES))
+def test_no_host_sync_per_step(tmp_path, monkeypatch, recipe):
     from inat.training.loop import Budget, loss_fn, train_one_epoch
 
     counts = []
     for batch_size, n_train in ((8, 8), (2, 16)):  # 2 steps vs 20 steps per epoch
         s = _setup(tmp_path / f"b{batch_size}", f"train.batch_size={batch_size}", "train.epochs=2",
-                   "train.max_minutes=10", n_train=n_train)
+                   "train.max_minutes=10", *SYNC_RECIPES[recipe], n_train=n_train)
+        if recipe == "sgd_fp16":
+            assert s.scaler.is_enabled()
+            s.optimizer = _cuda_optimizer(s)
         counter = _count_host_syncs(monkeypatch)
         train_one_epoch(s, 0, Budget(600, 100, s.device), loss_fn(s.cfg))
-        counts.append((s.state["step"], counter["n"]))
+        counts.append((s.state["step"], counter["n"], counter["where"]))
         monkeypatch.undo()
-    (few_steps, few_syncs), (many_steps, many_syncs) = counts
+    (few_steps, few_syncs, _), (many_steps, many_syncs, where) = counts
     assert many_steps >= 5 * few_steps
-    assert many_syncs == few_syncs <= 3, counts  # the epoch's totals, read once
+    assert many_syncs == few_syncs <= 3, (counts, where)  # the epoch's totals, read once
 
 
 # --- DDP: two gloo processes on the CPU ---------------------------------------------------------
@@ -168,7 +214,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, overrides: list, run_dir: str, skew: float) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, overrides: list, run_dir: str, skew: float,
+                other_node: bool) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
                        "INAT_RANK_DIGEST": "1", "WANDB_MODE": "disabled"})
@@ -179,18 +226,26 @@ def _ddp_worker(rank: int, world_size: int, port: int, overrides: list, run_dir:
         start = real()
         fast = type("FastClock", (), {"perf_counter": staticmethod(lambda: start + (real() - start) * skew)})
         loop.time = fast
+    if rank == 1 and other_node:  # rank 1 on a second node: the run folder there holds no checkpoint
+        import inat.training.resume as resume
+
+        def elsewhere(path, *args, **kwargs):
+            raise AssertionError(f"rank 1 opened {path}, which only rank 0's node has")
+
+        resume.load_checkpoint = elsewhere
     from inat.training import fit
 
     fit(compose(overrides), Path(run_dir))
 
 
-def _run_ddp(tmp_path, overrides, skew=1.0, timeout=240):
+def _run_ddp(tmp_path, overrides, skew=1.0, timeout=240, other_node=False):
+    """Two gloo ranks training ``overrides`` into ``tmp_path/run`` (which may exist: a resume); their digests."""
     import torch.multiprocessing as mp
 
     run = tmp_path / "run"
-    run.mkdir(parents=True)
-    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), overrides, str(run), skew), nprocs=2, join=False,
-                             start_method="spawn")
+    run.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), overrides, str(run), skew, other_node), nprocs=2,
+                             join=False, start_method="spawn")
     deadline = time.time() + timeout
     while not ctx.join(timeout=5):
         if time.time() > deadline:
