@@ -69,7 +69,9 @@ class Summary:
     epochs: int = 0
     steps: Optional[int] = None  # optimizer steps (the training/ loop records them)
     stop_reason: str = "epochs"
-    train_images_per_sec: Optional[float] = None
+    train_images_per_sec: Optional[float] = None  # mean over the epochs, the first included
+    first_epoch_images_per_sec: Optional[float] = None  # cuDNN autotuning, compilation, cold caches
+    steady_images_per_sec: Optional[float] = None  # mean over the epochs after the first
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     cache_seconds: float = 0.0
@@ -100,7 +102,8 @@ class Summary:
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, ``extra`` merged in; unset optional keys of newer writers are left out."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for key in ("steps", "precision", "precision_reason", "input"):
+        for key in ("steps", "precision", "precision_reason", "input", "first_epoch_images_per_sec",
+                    "steady_images_per_sec"):
             if out[key] is None:
                 del out[key]
         return {**self.extra, **out}

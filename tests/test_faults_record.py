@@ -86,3 +86,16 @@ def test_multirun_with_cfg_from_the_shell_is_one_sentence_and_exit_2():
     done = run_cli(["-m", "data.root=x", "--cfg", "hydra"])
     assert done.returncode == 2
     assert_one_error(done.stderr, "leave out -m")
+
+
+def test_torchrun_without_a_run_folder_is_refused_before_hydra(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli_fails(capsys, monkeypatch, ["data.root=x"], "hydra.run.dir=RUN_DIR", "torchrun")
+
+
+def test_torchrun_with_a_run_folder_passes_the_check(capsys, monkeypatch, tmp_path):
+    from inat.cli import prepare_argv
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["run.py", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"])
+    prepare_argv()  # no SystemExit

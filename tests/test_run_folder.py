@@ -13,7 +13,8 @@ from inat.run_folder import MetricsRow, Summary
 def full_summary() -> Summary:
     """A Summary with every field set, as fit writes it at its end."""
     return Summary(best_val_accuracy=0.5, val_accuracy=0.45, best_epoch=2, epochs=3, steps=30, stop_reason="epochs",
-                   train_images_per_sec=321.5, train_seconds=12.5, wall_seconds=15.0, cache_seconds=1.25, params=1234,
+                   train_images_per_sec=321.5, first_epoch_images_per_sec=250.0, steady_images_per_sec=340.0,
+                   train_seconds=12.5, wall_seconds=15.0, cache_seconds=1.25, params=1234,
                    trainable_params=1000, model="scratch", classes=["a", "b"], n_train=80, n_val=20, device="cpu",
                    world_size=1, environment={"python": "3.12.1", "torch": "2.14.1+cu130", "cpu": "Test CPU"},
                    config={"model": {"name": "scratch"}, "train": {"epochs": 3, "max_minutes": 0}},

@@ -431,21 +431,20 @@ def _summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[Temp
     state, hist, model, data = s.state, s.state["history"], s.model, s.data
     _, world_size = world()
     rates = [h["images_per_sec"] for h in hist]
-    # Epoch 1 carries cuDNN autotuning, compilation and cold caches; the later epochs are the steady rate.
-    throughput = {"first_epoch_images_per_sec": rates[0] if rates else None,
-                  "steady_images_per_sec": round(sum(rates[1:]) / len(rates[1:]), 1) if len(rates) > 1 else None}
     return Summary(
         best_val_accuracy=state["best_val_accuracy"], val_accuracy=hist[-1]["val_accuracy"] if hist else None,
         best_epoch=state["best_epoch"], epochs=state["epoch"], steps=state["step"], stop_reason=stop_reason,
         train_images_per_sec=round(sum(rates) / max(1, len(rates)), 1),
+        # Epoch 1 carries cuDNN autotuning, compilation and cold caches; the later epochs are the steady rate.
+        first_epoch_images_per_sec=rates[0] if rates else None,
+        steady_images_per_sec=round(sum(rates[1:]) / len(rates[1:]), 1) if len(rates) > 1 else None,
         train_seconds=round(state["train_seconds"], 2), wall_seconds=round(wall, 2),
         cache_seconds=round(s.cache_seconds, 2), params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), model=model.spec.name,
         classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
         world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
         environment=environment(s.device), config=s.writer.cfg_dict,
-        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature),
-               **throughput})
+        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature)})
 
 
 def _write_digest(s: Setup, run_dir: Path, rank: int) -> None:
