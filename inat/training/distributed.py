@@ -5,10 +5,15 @@ schedule's progress) is taken on rank 0 and broadcast, so ranks never break out 
 at different steps (which hangs the next all-reduce) or apply different learning rates. The
 DDP wrapper is rebuilt when the set of trainable parameters changes (gradual unfreezing):
 DDP registers its all-reduce hooks only for parameters that required grad when it was built.
+
+Those decisions and the setup barrier travel on a gloo group of CPU tensors, created once at
+``init``: on NCCL a broadcast needs a CUDA tensor, whose host->device copy and ``.item()``
+each wait for the stream, so every decision drained the GPU's queue of work.
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any, Callable, List, Optional, TypeVar
 
 import torch
@@ -19,17 +24,40 @@ from inat.runs import world
 
 T = TypeVar("T")
 
+# How long a rank waits for the others at a collective. While each node's local rank 0 downloads
+# nature_12K (3.6 GB) and decodes the cache, the other ranks wait at local_first's barrier; NCCL's
+# default 10 minutes (gloo's 30) aborted the job on a slow link or a large dataset. Two hours holds
+# a first download at ~1 MB/s plus the decode; a rank that truly hangs is still reported, later.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+# The gloo group for host-side collectives when the default group is NCCL (None: use the default).
+_control: Optional[Any] = None
+
 
 def init(device: torch.device) -> None:
-    """Join torchrun's process group: NCCL bound to this rank's GPU, gloo on the CPU."""
+    """Join torchrun's process group (NCCL bound to this rank's GPU, gloo on the CPU) and the control group."""
     _, world_size = world()
-    if world_size <= 1 or dist.is_initialized():
+    if world_size <= 1:
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    control_group()
+
+
+def control_group() -> Optional[Any]:
+    """The gloo group host-side collectives run on (None: the default group, already gloo).
+
+    Created on first use, normally by ``init``; every rank reaches that first use at the same
+    collective, which is what ``new_group`` needs.
+    """
+    global _control
+    if _control is None and dist.get_backend() != "gloo":
+        _control = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return _control
 
 
 def active() -> bool:
@@ -39,16 +67,19 @@ def active() -> bool:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        dist.barrier(group=control_group())
 
 
 def local_first(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on each node's local rank 0 first (download, cache build), then on the others."""
+    """Run ``fn`` on each node's local rank 0 first (download, cache build), then on the others.
+
+    The others wait at a gloo barrier with ``COLLECTIVE_TIMEOUT``, not at an NCCL one.
+    """
     if not active():
         return fn()
     local = int(os.environ.get("LOCAL_RANK", 0))
     result = fn() if local == 0 else None
-    dist.barrier()
+    barrier()
     if local != 0:
         result = fn()  # finds the finished download / cache
     return result  # type: ignore[return-value]
@@ -59,17 +90,29 @@ def decide(value: T) -> T:
     if not active():
         return value
     box: List[Any] = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
 
-def broadcast_float(value: float, device: torch.device) -> float:
-    """Rank 0's float on every rank, as one tensor broadcast (cheaper than pickling)."""
+def gather(value: T) -> List[T]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in one process."""
+    if not active():
+        return [value]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value, group=control_group())
+    return out
+
+
+def broadcast_float(value: float, device: Optional[torch.device] = None) -> float:
+    """Rank 0's float on every rank, as one CPU tensor broadcast on the control group.
+
+    ``device`` is not used (kept for callers): a CUDA tensor here would sync the stream twice.
+    """
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, src=0, group=control_group())
+    return float(t)
 
 
 def trainable_signature(model: nn.Module) -> tuple:
@@ -112,6 +155,8 @@ def convert_sync_bn(model: nn.Module) -> nn.Module:
 
 
 def destroy() -> None:
+    global _control
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        barrier()
+        dist.destroy_process_group()  # every group, the control group with it
+    _control = None

@@ -1,0 +1,193 @@
+"""The reviewed GPU defects of the data side (../shared/reviews/gpu-2026-12-02.md E5, E8, E9, E12, E16,
+E17, E19, E23), each shown on the CPU: CUDA and torch.distributed are mocked where only a GPU or a
+cluster would show them, and the paths behind ``device.type == "cuda"`` run through explicit flags."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from conftest import FAST, make_dataset
+from inat.config import AugConfig, DataConfig
+from inat.errors import InatError
+from inat.inference import Precision
+from inat.models import ModelSpec
+from inat.training import distributed, sources
+from inat.training.data import TrainData, load_data
+from inat.training.sources import ImageSource
+
+CPU = torch.device("cpu")
+
+
+def _train_data(tmp_path: Path, n_train: int = 8, size: int = 16) -> TrainData:
+    """A decoded tiny dataset (3 classes) and its split, as training reads it: a read-only memory map."""
+    from inat.data.folder import scan_train
+
+    root = make_dataset(tmp_path / "data", n_train=n_train, size=size)
+    cfg = OmegaConf.structured(DataConfig(root=str(root), cache_dir=str(tmp_path / "cache"), workers=1))
+    spec = ModelSpec("tiny", num_classes=3, input_size=size)
+    return load_data(cfg, spec, root, scan_train(root), progress=False)
+
+
+def _image_source(data: TrainData, **flags) -> ImageSource:
+    spec = ModelSpec("tiny", num_classes=3, input_size=data.images.shape[1])
+    return ImageSource(nn.Identity(), data, spec, OmegaConf.structured(AugConfig()), Precision("32", "test"), CPU,
+                       channels_last=False, eval_batch_size=8, tta_flip=False, **flags)
+
+
+def _raw_batches(source: ImageSource, perm: np.ndarray, batch_size: int, n_batches: int) -> list:
+    """The (uint8 images, labels) each batch carries before augmentation, copied as they arrive."""
+    source._finish = lambda u8, y, gen: (u8.clone(), y.clone())
+    return list(source.batches(perm, batch_size, n_batches, seed=0))
+
+
+# --- E5: the budget broadcast runs on a CPU gloo group ----------------------------------------
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """torch.distributed as two ranks would see it, with the collectives recorded instead of run."""
+    calls = []
+    control = object()  # the gloo side group
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "_control", control, raising=False)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "broadcast", lambda t, src, group=None: calls.append(("broadcast", t.device, group)))
+    monkeypatch.setattr(dist, "broadcast_object_list",
+                        lambda box, src, group=None: calls.append(("object", None, group)))
+    return calls, control
+
+
+def test_budget_broadcasts_every_8_steps_and_once_per_epoch_on_a_cpu_tensor(two_ranks):
+    from inat.training.loop import Budget
+
+    calls, control = two_ranks
+    budget = Budget(600, 100, torch.device("cuda", 0))  # a CUDA run: the broadcast must still stay on the host
+    budget.start(0.0)
+    for step in range(17):  # steps 0, 8 and 16 read rank 0's clock
+        budget.tick(step)
+    budget.epoch_seconds()
+    assert calls == [("broadcast", CPU, control)] * 4
+    assert distributed.decide("early_stopping") == "early_stopping"
+    assert calls[-1] == ("object", None, control)
+
+
+# --- E8: a long collective timeout, the setup barrier on gloo -----------------------------------
+
+@pytest.mark.parametrize("device", [torch.device("cuda", 0), CPU])
+def test_process_group_and_its_gloo_control_group_wait_long(monkeypatch, device):
+    recorded = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "_control", None, raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    monkeypatch.setattr(dist, "init_process_group", lambda b, **kw: recorded.update(init=(b, kw)))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "new_group", lambda **kw: recorded.setdefault("groups", []).append(kw) or "gloo-group")
+    distributed.init(device)
+    name, kwargs = recorded["init"]
+    assert name == backend and kwargs["timeout"] >= timedelta(hours=1)
+    if device.type == "cuda":  # one side group, created at init, with the same long timeout
+        assert recorded["groups"] == [{"backend": "gloo", "timeout": kwargs["timeout"]}]
+        assert distributed.control_group() == "gloo-group"
+    else:  # the default group is gloo already
+        assert "groups" not in recorded and distributed.control_group() is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join_ranks(worker, args: tuple, timeout: float) -> None:
+    """Run ``worker(rank, *args)`` on two spawned processes; fail (killing them) if they outlive ``timeout``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    try:
+        while not ctx.join(timeout=2):
+            if time.time() > deadline:
+                pytest.fail(f"the ranks did not finish within {timeout:.0f} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _rank_env(rank: int, port: int) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"})
+
+
+def _barrier_worker(rank: int, port: int, timeout_s: float, sleep_s: float, out: str) -> None:
+    _rank_env(rank, port)
+    distributed.COLLECTIVE_TIMEOUT = timedelta(seconds=timeout_s)
+    distributed.init(CPU)
+    t0 = time.perf_counter()
+    try:
+        distributed.local_first(lambda: time.sleep(sleep_s) if rank == 0 else None)
+        result = "ok"
+    except RuntimeError as err:
+        result = str(err)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"result": result, "seconds": time.perf_counter() - t0}))
+
+
+@pytest.mark.timeout(120)
+def test_local_first_barrier_waits_as_long_as_the_configured_timeout(tmp_path):
+    """The configured timeout is the one the barrier uses: 2 s is too short for a 6 s rank 0, 30 s is not."""
+    for timeout_s, ok in ((2.0, False), (30.0, True)):
+        out = tmp_path / str(timeout_s)
+        out.mkdir()
+        _join_ranks(_barrier_worker, (_free_port(), timeout_s, 6.0, str(out)), timeout=90)
+        rank1 = json.loads((out / "rank1.json").read_text())
+        if ok:
+            assert rank1["result"] == "ok" and rank1["seconds"] >= 5.5
+        else:
+            assert "Timed out" in rank1["result"] and rank1["seconds"] < 5.0
+
+
+def _slow_cache_worker(rank: int, port: int, overrides: list, run_dir: str, sleep_s: float) -> None:
+    _rank_env(rank, port)
+    distributed.COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # short, yet longer than rank 0's slow build
+    if rank == 0:
+        import inat.data.cache as cache
+
+        real = cache._build
+
+        def slow_build(*args, **kwargs):
+            time.sleep(sleep_s)  # a slow first download/decode on local rank 0
+            return real(*args, **kwargs)
+
+        cache._build = slow_build
+    from test_engine import compose
+
+    from inat.training import fit
+
+    fit(compose(overrides), Path(run_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_waits_for_a_slow_rank_zero_cache_build(tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=8)
+    run = tmp_path / "run"
+    overrides = [f"data.root={data}", *FAST, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
+                 "train.then_test=false", "train.batch_size=4", f"hydra.run.dir={run}"]
+    _join_ranks(_slow_cache_worker, (_free_port(), overrides, str(run), 8.0), timeout=240)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 1
