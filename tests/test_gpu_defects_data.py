@@ -191,3 +191,25 @@ def test_ddp_waits_for_a_slow_rank_zero_cache_build(tmp_path):
     _join_ranks(_slow_cache_worker, (_free_port(), overrides, str(run), 8.0), timeout=240)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs"] == 1
+
+
+# --- E9: the decode pool does not fork a process that may hold CUDA and NCCL threads ------------
+
+def test_decode_pool_starts_workers_without_fork(tmp_path, monkeypatch):
+    import inat.data.cache as cache
+    from inat.data.folder import scan_train
+
+    contexts = []
+    real_pool = cache.ProcessPoolExecutor
+
+    def spy(*args, **kwargs):
+        contexts.append(kwargs.get("mp_context"))
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "ProcessPoolExecutor", spy)
+    folder = scan_train(make_dataset(tmp_path / "data", n_train=22, size=16))  # 66 files: enough for the pool
+    pooled = cache.load_or_build(folder.paths, 16, directory=str(tmp_path / "pooled"), workers=2, progress=False)
+    assert len(contexts) == 1 and contexts[0] is not None
+    assert contexts[0].get_start_method() in ("forkserver", "spawn")
+    serial = cache.load_or_build(folder.paths, 16, directory=str(tmp_path / "serial"), workers=1, progress=False)
+    assert np.array_equal(pooled.images, serial.images) and pooled.sha1 == serial.sha1

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ def _decode_one(args: Tuple[str, int, str, float]) -> Tuple[np.ndarray, str]:
         raise InatError(f"Image '{path}' could not be read ({err.strerror or err}); fix or remove it "
                         f"(+mode=audit lists every bad file).") from err
     return decode_image(io.BytesIO(data), size, interpolation, crop_pct, name=path), hashlib.sha1(data).hexdigest()
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """How decode workers start: from a clean server process, never by forking this one.
+
+    The cache is built after ``distributed.init`` and, in test mode, after the model went to the
+    GPU: this process may hold a CUDA context and NCCL threads, and fork copies them in an
+    unusable state (a fork with threads can deadlock; Python 3.12 warns). The server imports
+    the decoder once and forks the workers from itself, so each starts with it loaded.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["inat.data.images"])  # taken into account when the server first starts
+    return ctx
 
 
 def load_or_build(paths: Sequence[Path], size: int, *, interpolation: str = "bilinear", crop_pct: float = 1.0,
@@ -113,7 +127,7 @@ def _build(paths: Sequence[Path], size: int, interpolation: str, crop_pct: float
                 results = map(_decode_one, jobs)
                 pool = None
             else:
-                pool = ProcessPoolExecutor(n_workers)
+                pool = ProcessPoolExecutor(n_workers, mp_context=_pool_context())
                 results = pool.map(_decode_one, jobs, chunksize=32)
             try:
                 for i, (img, digest) in enumerate(results):  # in order: row i of the file is image i
