@@ -213,3 +213,75 @@ def test_decode_pool_starts_workers_without_fork(tmp_path, monkeypatch):
     assert contexts[0].get_start_method() in ("forkserver", "spawn")
     serial = cache.load_or_build(folder.paths, 16, directory=str(tmp_path / "serial"), workers=1, progress=False)
     assert np.array_equal(pooled.images, serial.images) and pooled.sha1 == serial.sha1
+
+
+# --- E12: ranks that read different datasets stop with one sentence -----------------------------
+
+def test_load_data_stops_when_rank_0_read_other_images(tmp_path, monkeypatch):
+    gathered = []
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "_control", object(), raising=False)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "barrier", lambda group=None: None)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src, group=None: None)
+
+    def all_gather_object(out, value, group=None):  # rank 0's node has one image fewer than this one
+        gathered.append(value)
+        out[:] = [(value[0] - 1, "0" * 64), value]
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    with pytest.raises(InatError, match="different datasets"):
+        _train_data(tmp_path)
+    assert gathered and gathered[0][0] == 24  # one gather, of (number of images, hash)
+
+
+def _own_copy_worker(rank: int, port: int, overrides: list, roots: list, run_dir: str) -> None:
+    _rank_env(rank, port)
+    from test_engine import compose
+
+    from inat.training import fit
+
+    try:
+        fit(compose([*overrides, f"data.root={roots[rank]}"]), Path(run_dir))
+        said = ""
+    except InatError as err:
+        said = str(err)
+    Path(run_dir, f"rank{rank}.said").write_text(said)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_nodes_with_different_copies_stop_instead_of_hanging(tmp_path):
+    roots = [make_dataset(tmp_path / "node0", n_train=8), make_dataset(tmp_path / "node1", n_train=8)]
+    extra = roots[1] / "train" / "class_0"
+    (extra / "one_more.png").write_bytes((extra / "train_0_1.png").read_bytes())  # node 1's copy has one file more
+    run = tmp_path / "run"
+    overrides = [*FAST, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.then_test=false",
+                 "train.batch_size=4", f"hydra.run.dir={run}"]
+    run.mkdir()
+    _join_ranks(_own_copy_worker, (_free_port(), overrides, [str(r) for r in roots], str(run)), timeout=240)
+    said = [(run / f"rank{r}.said").read_text() for r in (0, 1)]
+    assert said[0] == said[1] and said[0].startswith("The ranks read different datasets"), said
+    assert "rank 0 24, rank 1 25" in said[0]
+    assert not (run / "checkpoints").exists()
+
+
+def test_ranks_with_different_datasets_refuse_in_one_sentence(monkeypatch):
+    from inat.training.data import check_same_images, images_fingerprint
+
+    sha1, labels = ["a" * 40, "b" * 40, "c" * 40], np.array([0, 0, 1])
+    copies = {"the same copy": (sha1, labels), "one file more": (sha1 + ["d" * 40], np.array([0, 0, 1, 1])),
+              "another file": (sha1[:2] + ["e" * 40], labels), "another class": (sha1, np.array([0, 1, 1]))}
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "_control", object(), raising=False)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    for name, copy in copies.items():
+        rank1 = images_fingerprint(*copy)
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, value, group=None: out.__setitem__(
+            slice(None), [value, rank1]))
+        if name == "the same copy":
+            check_same_images(sha1, labels)
+            continue
+        with pytest.raises(InatError, match=rf"^The ranks read different datasets .*rank 0 3, rank 1 {len(copy[0])}\b"
+                                            r".*same copy of the dataset\.$"):
+            check_same_images(sha1, labels)

@@ -1,15 +1,17 @@
 """The decoded training set and its split, built once per (dataset, size) and shared by the sources."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import numpy as np
 
 from inat.data.cache import load_or_build
 from inat.data.folder import FolderSplit
 from inat.data.split import build_split
+from inat.errors import InatError
 from inat.models import ModelSpec
 from inat.training import distributed
 
@@ -45,15 +47,39 @@ def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, p
     """Decode train/ once at the model's input size and split it, stratified and seeded.
 
     Under torchrun each node's local rank 0 builds the cache while the other ranks wait at
-    a barrier, then they map the finished file.
+    a barrier, then they map the finished file; every rank then checks that it read the same
+    images as rank 0.
     """
     cache = distributed.local_first(lambda: load_or_build(
         folder.paths, spec.input_size, interpolation=spec.interpolation, crop_pct=float(spec.crop_pct),
         directory=data_cfg.cache_dir, workers=int(data_cfg.workers), label="train/", progress=progress))
     labels = np.asarray(folder.labels, dtype=np.int64)
+    check_same_images(cache.sha1, labels)
     train_idx, val_idx = build_split(labels, float(data_cfg.val_fraction), int(data_cfg.split_seed),
                                      classes=folder.classes)
     return TrainData(root, folder, cache.images, labels, cache.sha1, train_idx, val_idx)
+
+
+def images_fingerprint(sha1: List[str], labels: np.ndarray) -> Tuple[int, str]:
+    """(number of images, hash of their SHA-1s and labels): equal on two ranks that read the same dataset."""
+    digest = hashlib.sha256("\n".join(sha1).encode())
+    digest.update(np.asarray(labels, dtype=np.int64).tobytes())  # the same files under other classes split otherwise
+    return len(sha1), digest.hexdigest()
+
+
+def check_same_images(sha1: List[str], labels: np.ndarray) -> None:
+    """Refuse to train when ranks read different datasets (nodes with their own copy of data.root).
+
+    Each rank derives the split and its share from its own scan; with one file more or less
+    the ranks would run different numbers of steps and the next all-reduce would hang. One
+    gather of (count, hash) per run, on every rank, so all of them stop; a no-op in one process.
+    """
+    seen = distributed.gather(images_fingerprint(sha1, labels))
+    differ = [r for r, fingerprint in enumerate(seen) if fingerprint != seen[0]]
+    if differ:
+        counts = ", ".join(f"rank {r} {seen[r][0]}" for r in [0, *differ])
+        raise InatError(f"The ranks read different datasets from data.root (images in train/: {counts}; the same count "
+                        f"means other files or classes): give every node the same copy of the dataset.")
 
 
 def epoch_order(data: TrainData, seed: int, epoch: int, batch_size: int, rank: int, world_size: int,
