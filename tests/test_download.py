@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,11 +43,15 @@ def _dataset_zip(top: str = "inaturalist_12K") -> bytes:
 
 
 class _Server:
-    """Serves ``files`` with Range support; ``cut_after[path] = N`` drops the first response after N bytes."""
+    """Serves ``files`` with Range support; ``cut_after[path] = N`` drops the first response after N bytes.
+
+    ``seconds_per_body`` > 0 sends each body in ten pieces over that many seconds (a slow link).
+    """
 
     def __init__(self) -> None:
         self.files: Dict[str, bytes] = {}
         self.cut_after: Dict[str, int] = {}
+        self.seconds_per_body = 0.0
         self.ignore_range = False
         self.requests: List[Dict[str, Optional[str]]] = []
         server = self
@@ -84,7 +89,14 @@ class _Server:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(body[start:])
+                if not server.seconds_per_body:
+                    self.wfile.write(body[start:])
+                    return
+                step = max(1, (len(body) - start) // 10)
+                for at in range(start, len(body), step):
+                    self.wfile.write(body[at:at + step])
+                    self.wfile.flush()
+                    time.sleep(server.seconds_per_body / 10)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
@@ -116,8 +128,8 @@ def test_prepare_dataset_downloads_verifies_extracts_and_is_idempotent(server, t
     assert out == root
     assert sorted(p.name for p in (root / "train").iterdir()) == ["ant", "bee"]
     assert len(list((root / "val").rglob("*.png"))) == 2
-    # The zip is kept beside the root; no staging or .part files are left.
-    assert sorted(p.name for p in root.parent.iterdir()) == ["nature_12K", "nature_12K.zip"]
+    # The zip is kept beside the root; no staging or .part files are left (only the empty lock file).
+    assert sorted(p.name for p in root.parent.iterdir()) == [".nature_12K.lock", "nature_12K", "nature_12K.zip"]
     assert (root.parent / "nature_12K.zip").read_bytes() == data
     n = len(server.requests)
     assert prepare_dataset(root, server.url("/nature_12K.zip"), _sha(data), progress=False) == root
@@ -199,7 +211,7 @@ def test_not_a_zip_is_refused_through_prepare_dataset(server, tmp_path):
     with pytest.raises(InatError, match="corrupted"):
         prepare_dataset(root, server.url("/nature_12K.zip"), progress=False)
     assert not root.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nature_12K.zip"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".nature_12K.lock", "nature_12K.zip"]
 
 
 @pytest.mark.parametrize("name", ["../evil.txt", "top/../../evil.txt", "/abs/evil.txt"])
@@ -223,6 +235,24 @@ def test_symlink_member_is_refused(tmp_path):
     with pytest.raises(InatError, match="symbolic link"):
         safe_extract(zip_path, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.zip"]
+
+
+def test_two_processes_sharing_the_data_folder_download_once(server, tmp_path):
+    """Two nodes on one filesystem start at once: the second waits for the first, then finds the dataset."""
+    data = _dataset_zip()
+    server.files["/nature_12K.zip"] = data
+    server.seconds_per_body = 2.0  # a slow link, so both processes are in prepare_dataset at the same time
+    root = tmp_path / "shared" / "nature_12K"
+    code = ("import sys; from pathlib import Path; from inat.data.download import prepare_dataset; "
+            "prepare_dataset(Path(sys.argv[1]), sys.argv[2], sys.argv[3], progress=False)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root), server.url("/nature_12K.zip"), _sha(data)],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert len(server.requests) == 1  # the second process made no request: it found the dataset ready
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["ant", "bee"]
+    assert len(list(root.rglob("*.png"))) == 8
+    assert sorted(p.name for p in root.parent.iterdir()) == [".nature_12K.lock", "nature_12K", "nature_12K.zip"]
 
 
 def test_ensure_dataset_only_downloads_the_default_root(server, tmp_path):

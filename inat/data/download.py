@@ -11,6 +11,8 @@ by hand to get the space back.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import os
@@ -26,7 +28,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from inat.errors import InatError
 
@@ -290,10 +292,37 @@ def prepare_dataset(root: Path, url: str, sha256: Optional[str] = None, *, progr
     afterwards), extracted into a hidden staging folder, and the shallowest folder in it that
     holds ``train/`` plus ``val/`` or ``test/`` (``inaturalist_12K/`` in nature_12K.zip) is
     renamed to ``root``. An empty ``root`` folder is replaced; a non-empty one is refused.
+
+    Processes sharing ``root``'s parent (two nodes on one filesystem, two runs started at once)
+    take turns under a file lock there: the second waits, then finds the dataset ready,
+    instead of writing the same ``.part`` and staging folder under the first one's feet.
     """
     root = Path(root)
     if is_dataset_root(root):
         return root
+    with _exclusive(root.parent / f".{root.name}.lock"):
+        if is_dataset_root(root):  # prepared by the process this one waited for
+            return root
+        return _download_and_extract(root, url, sha256, progress)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an ``flock`` on ``lock_path`` (created if needed) for the block; the kernel frees it if killed."""
+    from inat.runs import os_error_sentence
+
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "w")
+    except OSError as err:
+        raise InatError(os_error_sentence(err, lock_path, "create the download lock")) from err
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _download_and_extract(root: Path, url: str, sha256: Optional[str], progress: bool) -> Path:
+    """``prepare_dataset``'s work, under its lock: refuse a non-empty root, download, extract, rename."""
     if root.exists():
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
