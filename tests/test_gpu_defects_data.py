@@ -285,3 +285,83 @@ def test_ranks_with_different_datasets_refuse_in_one_sentence(monkeypatch):
         with pytest.raises(InatError, match=rf"^The ranks read different datasets .*rank 0 3, rank 1 {len(copy[0])}\b"
                                             r".*same copy of the dataset\.$"):
             check_same_images(sha1, labels)
+
+
+# --- E16: the prefetch path, on the CPU ----------------------------------------------------------
+
+def test_image_source_on_the_cpu_stays_on_the_plain_path(tmp_path):
+    source = _image_source(_train_data(tmp_path))
+    assert source.resident is None and not source.prefetch and not source.pin
+
+
+@pytest.mark.parametrize("batch_size, n_batches", [(3, 5), (64, 1)])  # several batches; one share under a batch
+def test_prefetch_threads_yield_the_plain_paths_batches(tmp_path, batch_size, n_batches):
+    data = _train_data(tmp_path)
+    perm = np.random.default_rng(0).permutation(data.train_idx)
+    plain = _raw_batches(_image_source(data), perm, batch_size, n_batches)
+    threaded = _raw_batches(_image_source(data, prefetch=True, pin=False), perm, batch_size, n_batches)
+    assert len(plain) == len(threaded) == n_batches
+    for b, ((x0, y0), (x1, y1)) in enumerate(zip(plain, threaded)):
+        idx = np.sort(perm[b * batch_size:(b + 1) * batch_size])
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+        assert torch.equal(x1, torch.from_numpy(np.asarray(data.images[idx])))
+        assert torch.equal(y1, torch.from_numpy(data.labels[idx]))
+
+
+def test_prefetch_batches_are_augmented_like_the_plain_ones(tmp_path):
+    data = _train_data(tmp_path)
+    perm = data.train_idx[::-1].copy()
+    plain = list(_image_source(data).batches(perm, 4, 3, seed=5))
+    threaded = list(_image_source(data, prefetch=True, pin=False).batches(perm, 4, 3, seed=5))
+    for (x0, y0), (x1, y1) in zip(plain, threaded):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_closing_the_prefetch_generator_stops_its_threads(tmp_path):
+    data = _train_data(tmp_path)
+    baseline = threading.active_count()
+    batches = _image_source(data, prefetch=True, pin=False).batches(data.train_idx, 2, 6, seed=0)
+    next(batches), next(batches)
+    assert threading.active_count() > baseline
+    batches.close()  # what a break on the time budget does
+    assert threading.active_count() == baseline
+
+
+def test_a_prefetch_workers_error_surfaces(tmp_path):
+    class Unreadable(np.ndarray):
+        def take(self, *args, **kwargs):
+            raise OSError("Input/output error")
+
+    data = _train_data(tmp_path)
+    data.images = data.images.view(Unreadable)
+    baseline = threading.active_count()
+    with pytest.raises(OSError, match="Input/output error"):
+        list(_image_source(data, prefetch=True, pin=False).batches(data.train_idx, 2, 4, seed=0))
+    assert threading.active_count() == baseline
+
+
+# --- E17: free GPU memory counts the allocator's unused blocks -----------------------------------
+
+def test_gpu_budget_counts_reserved_but_unallocated_memory_as_free(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 9 * gib)  # the last sweep trial's cache
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)
+    assert sources.gpu_resident_bytes(torch.device("cuda", 0)) == (3 + 6) * gib // 3
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * gib)  # nothing cached: as before
+    assert sources.gpu_resident_bytes(torch.device("cuda", 0)) == gib
+
+
+# --- E23: the read-only memory map becomes a tensor without a warning ----------------------------
+
+def test_resident_cache_from_the_read_only_memory_map_warns_nothing(tmp_path):
+    data = _train_data(tmp_path)
+    assert not data.images.flags.writeable
+    torch._C._set_warnAlways(True)  # torch warns once per process: an earlier test must not hide it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            source = _image_source(data, resident=True)
+    finally:
+        torch._C._set_warnAlways(False)
+    assert source.resident is not None and source.kind == "images (GPU-resident)"

@@ -12,6 +12,8 @@ tensors, so the loop reads them once per epoch.
 from __future__ import annotations
 
 import os
+import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Tuple
 
@@ -28,6 +30,11 @@ from inat.training.data import SEED_VIEWS, TrainData
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
+# The prefetch path: host buffers reused round-robin and the threads filling them. Two workers
+# keep up with a step that is faster than one memory-map gather; a third buffer lets both
+# workers fill while the device copies from the first.
+PREFETCH_BUFFERS, PREFETCH_WORKERS = 3, 2
+
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     """A seeded generator on ``device``: augmentation draws happen where the batch lives."""
@@ -40,9 +47,22 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, 
 
 
 def gpu_resident_bytes(device: torch.device) -> int:
-    """Bytes of the uint8 train cache allowed on the GPU: a third of the free memory."""
+    """Bytes of a cache allowed on the GPU: a third of the memory free for new tensors.
+
+    ``mem_get_info`` counts the caching allocator's reserved but unused blocks as taken; in a
+    sweep (trials in one process) the previous trial's blocks would push the next onto the
+    slower host path, so they count as free here.
+    """
     free, _ = torch.cuda.mem_get_info(device)
-    return free // 3
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) // 3
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the read-only memory map, without torch's 'not writable' warning: it is only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
 class IndexedRows:
@@ -61,28 +81,33 @@ class IndexedRows:
 class ImageSource:
     """Augmented images; on a GPU the whole uint8 cache is copied there once when it fits.
 
-    Otherwise (a GPU that is too small) batches are gathered on a host thread into pinned
-    memory one step ahead and copied without blocking, so decoding never stalls the GPU.
+    Otherwise (a GPU that is too small) worker threads gather the next batches into reused
+    pinned buffers while the current one trains, and the copies to the GPU do not block.
+    ``resident``, ``prefetch`` and ``pin`` choose these paths explicitly (None: from the
+    device), so the thread path also runs, and is tested, on the CPU.
     """
 
     def __init__(self, model: nn.Module, data: TrainData, spec: ModelSpec, aug_cfg: Any, precision: Precision,
-                 device: torch.device, *, channels_last: bool, eval_batch_size: int, tta_flip: bool) -> None:
+                 device: torch.device, *, channels_last: bool, eval_batch_size: int, tta_flip: bool,
+                 resident: Optional[bool] = None, prefetch: Optional[bool] = None,
+                 pin: Optional[bool] = None) -> None:
         self.module, self.data, self.spec, self.precision, self.device = model, data, spec, precision, device
         self.channels_last, self.eval_batch_size, self.tta_flip = channels_last, eval_batch_size, tta_flip
+        on_gpu = device.type == "cuda"
+        self.prefetch = on_gpu if prefetch is None else prefetch
+        self.pin = on_gpu if pin is None else pin
+        if resident is None:
+            resident = on_gpu and data.images.nbytes <= gpu_resident_bytes(device)
         self.augment = BatchAugment(aug_cfg, spec.mean, spec.std, spec.num_classes)
         self.labels = torch.from_numpy(data.labels).to(device)  # (N,)
         self.resident: Optional[torch.Tensor] = None
-        if device.type == "cuda" and data.images.nbytes <= gpu_resident_bytes(device):
-            self.resident = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)  # (N, S, S, 3) uint8
+        if resident:
+            self.resident = _read_only_tensor(data.images).to(device)  # (N, S, S, 3) uint8
         val_idx = torch.from_numpy(data.val_idx)
         self.val_images = (self.resident[val_idx.to(device)] if self.resident is not None
                            else np.asarray(data.images[data.val_idx]))
         self.val_labels = self.labels[val_idx.to(device)]
         self.kind = "images (GPU-resident)" if self.resident is not None else "images"
-
-    def _host_batch(self, idx: np.ndarray) -> torch.Tensor:
-        u8 = torch.from_numpy(np.array(self.data.images[np.sort(idx)]))  # sorted reads suit the memory map
-        return u8.pin_memory() if self.device.type == "cuda" else u8
 
     def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
         gen = _generator(self.device, seed)
@@ -92,19 +117,56 @@ class ImageSource:
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 yield self._finish(self.resident[idx], self.labels[idx], gen)
             return
-        chunks = [np.sort(perm[b * batch_size:(b + 1) * batch_size]) for b in range(n_batches)]
-        if self.device.type != "cuda":
+        chunks = [np.sort(perm[b * batch_size:(b + 1) * batch_size]) for b in range(n_batches)]  # sorted reads
+        if not self.prefetch:
             for idx in chunks:
                 yield self._finish(torch.from_numpy(np.array(self.data.images[idx])),
                                    self.labels[torch.from_numpy(idx)], gen)
             return
-        with ThreadPoolExecutor(max_workers=1) as pool:  # double buffer: batch b+1 gathers while b trains
-            ahead = pool.submit(self._host_batch, chunks[0]) if chunks else None
-            for b, idx in enumerate(chunks):
-                host = ahead.result()
-                ahead = pool.submit(self._host_batch, chunks[b + 1]) if b + 1 < len(chunks) else None
-                yield self._finish(host.to(self.device, non_blocking=True),
-                                   self.labels[torch.from_numpy(idx).to(self.device, non_blocking=True)], gen)
+        yield from self._prefetched(chunks, gen)
+
+    def _prefetched(self, chunks: list, gen: torch.Generator) -> Iterator[Batch]:
+        """Batches gathered ahead on PREFETCH_WORKERS threads into PREFETCH_BUFFERS reused host buffers.
+
+        Batch b fills buffer ``b % n`` with one ``np.take`` per array (images and labels, no
+        temporary copy); the buffer is refilled for batch b + n once its copy to the device
+        is done (an event the worker waits on, so the training thread never does).
+        """
+        if not chunks:
+            return
+        n_buffers = min(PREFETCH_BUFFERS, len(chunks))
+        rows = max(len(idx) for idx in chunks)
+        images = [torch.empty((rows, *self.data.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
+                  for _ in range(n_buffers)]  # (B, S, S, 3)
+        labels = [torch.empty(rows, dtype=torch.int64, pin_memory=self.pin) for _ in range(n_buffers)]
+        copy_to_device = self.device.type != "cpu"  # on the CPU .to() would hand out the buffer itself
+
+        def fill(i: int, idx: np.ndarray, copied: Optional[torch.cuda.Event]) -> Tuple[torch.Tensor, torch.Tensor]:
+            if copied is not None:
+                copied.synchronize()  # the previous batch in this buffer has reached the device
+            x, y = images[i][:len(idx)], labels[i][:len(idx)]
+            np.take(self.data.images, idx, axis=0, out=x.numpy(), mode="clip")  # clip: no buffered copy
+            np.take(self.data.labels, idx, out=y.numpy(), mode="clip")
+            return x, y
+
+        pool = ThreadPoolExecutor(max_workers=PREFETCH_WORKERS)
+        try:
+            ahead = deque(pool.submit(fill, b, chunks[b], None) for b in range(n_buffers))
+            for b in range(len(chunks)):
+                x, y = ahead.popleft().result()  # in batch order; a worker's exception surfaces here
+                if copy_to_device:
+                    x, y = x.to(self.device, non_blocking=self.pin), y.to(self.device, non_blocking=self.pin)
+                else:
+                    x, y = x.clone(), y.clone()
+                batch = self._finish(x, y, gen)
+                if b + n_buffers < len(chunks):
+                    copied = torch.cuda.Event() if self.device.type == "cuda" else None
+                    if copied is not None:
+                        copied.record()  # after the copies and the augmentation that reads them
+                    ahead.append(pool.submit(fill, b % n_buffers, chunks[b + n_buffers], copied))
+                yield batch
+        finally:  # also when the loop breaks on the budget: no thread outlives the epoch
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _finish(self, u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Batch:
         x, y = self.augment(u8.to(self.device), y, gen)  # (B, 3, S, S) normalised, y or soft targets
