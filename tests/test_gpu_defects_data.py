@@ -352,6 +352,91 @@ def test_gpu_budget_counts_reserved_but_unallocated_memory_as_free(monkeypatch):
     assert sources.gpu_resident_bytes(torch.device("cuda", 0)) == gib
 
 
+# --- E19: the cached-views fast path keeps its cache where it trains --------------------------------
+
+STRONG = dict(name="strong", shift=0, crop_scale=0.35, color=0.3, cutmix=1.0, erasing=0.25)  # conf/aug/strong.yaml
+
+
+def _prefix_source(tmp_path: Path, aug: dict, views: int = 2):
+    from inat.config import FinetuneConfig, ModelConfig
+    from inat.models import create_model
+
+    data = _train_data(tmp_path, n_train=6, size=32)
+    torch.manual_seed(0)
+    model = create_model(OmegaConf.structured(ModelConfig(name="efficientnet_lite0", pretrained=False)),
+                         num_classes=3, image_size=32)
+    ft = OmegaConf.structured(FinetuneConfig(strategy="partial", k=7, cache_views=views))
+    aug_cfg = OmegaConf.structured(AugConfig(**aug))
+    source = sources.PrefixViewSource(model, data, model.spec, aug_cfg, ft, Precision("32", "test"), CPU, seed=4,
+                                      channels_last=False, eval_batch_size=5, tta_flip=True, progress=False)
+    return source, model, data, aug_cfg
+
+
+def _views_as_before(model, data, aug_cfg, views: int, seed: int, batch_size: int):
+    """The view cache as the first version built it: each view on the host, then torch.stack of them all."""
+    from inat.data.augment import BatchAugment
+    from inat.inference import eval_mode
+    from inat.models.freeze import split_at
+    from inat.training.data import SEED_VIEWS
+
+    prefix = split_at(model, 7)[0]
+    augment = BatchAugment(aug_cfg, model.spec.mean, model.spec.std, model.spec.num_classes)
+    xs, ys = [], []
+    with eval_mode(model), torch.no_grad():
+        for v in range(views):
+            gen = torch.Generator().manual_seed(seed * 1000 + SEED_VIEWS + 7919 * v)
+            parts = []
+            for start in range(0, len(data.train_idx), batch_size):
+                idx = data.train_idx[start:start + batch_size]
+                x, y = augment(torch.from_numpy(np.array(data.images[idx])), torch.from_numpy(data.labels[idx]), gen)
+                parts.append((prefix(x).to(torch.bfloat16), y))
+            xs.append(torch.cat([x for x, _ in parts]))
+            ys.append(torch.cat([y for _, y in parts]))
+    return torch.stack(xs), torch.stack(ys)
+
+
+@pytest.mark.parametrize("aug", [{}, STRONG], ids=["basic", "strong"])
+def test_prefix_views_and_their_batches_are_the_ones_built_before(tmp_path, aug):
+    source, model, data, aug_cfg = _prefix_source(tmp_path, aug)
+    train_x, train_y = _views_as_before(model, data, aug_cfg, views=2, seed=4, batch_size=5)
+    assert torch.equal(source.train_x, train_x) and torch.equal(source.train_y, train_y)
+    perm = np.random.default_rng(1).permutation(data.train_idx)
+    position = np.full(len(data.images), -1)
+    position[data.train_idx] = np.arange(len(data.train_idx))
+    pick_gen = torch.Generator().manual_seed(9)
+    for b, (x, y) in enumerate(source.batches(perm, 4, 3, seed=9)):  # the draw of the first version, step by step
+        pos = torch.from_numpy(position[np.sort(perm[b * 4:(b + 1) * 4])])
+        pick = torch.randint(2, (len(pos),), generator=pick_gen)
+        assert torch.equal(x, train_x[pick, pos].float()) and torch.equal(y, train_y[pick, pos])
+
+
+def test_prefix_view_cache_is_filled_in_place_not_stacked(tmp_path, monkeypatch):
+    """No whole second copy of the cache in memory while it is built (torch.stack of all views held two)."""
+    largest = [0]
+    for name in ("stack", "cat"):
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            largest[0] = max(largest[0], out.numel())
+            return out
+
+        monkeypatch.setattr(torch, name, spy)
+    source, *_ = _prefix_source(tmp_path, {}, views=3)
+    assert source.train_x.shape[0] == 3
+    assert 0 < largest[0] <= source.train_x[0].numel()  # one view at most
+
+
+def test_prefix_view_batches_are_gathered_where_the_cache_lives(tmp_path, monkeypatch):
+    """On the device that trains (here the CPU; on a GPU when the cache fits) a batch is no host gather + copy."""
+    source, _, data, _ = _prefix_source(tmp_path, {})
+    assert source.train_x.device == source.train_y.device == CPU
+    copies = []
+    monkeypatch.setattr(sources, "to_device_batch", lambda *args: copies.append(args) or args[0])
+    batches = list(source.batches(data.train_idx, 4, 3, seed=0))
+    assert len(batches) == 3 and copies == []
+
+
 # --- E23: the read-only memory map becomes a tensor without a warning ----------------------------
 
 def test_resident_cache_from_the_read_only_memory_map_warns_nothing(tmp_path):

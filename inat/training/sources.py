@@ -223,7 +223,8 @@ class PrefixViewSource:
     The frozen prefix (eval mode, ImageNet BN statistics) is a fixed function of its input,
     so its output for ``finetune.cache_views`` augmented views of each training image (and
     for the plain and, with TTA, mirrored validation images) is computed once and stored in
-    bf16; every epoch then trains only the suffix, on a randomly drawn view per image.
+    bf16, on the GPU when it fits; every epoch then trains only the suffix, on a randomly
+    drawn view per image, gathered where the cache lives.
     Views are drawn from their own seeded generators, so a resumed run rebuilds the same cache.
     """
 
@@ -239,55 +240,70 @@ class PrefixViewSource:
         self.k = int(ft_cfg.k)
         self.device, self.precision, self.eval_batch_size = device, precision, eval_batch_size
         self.channels_last = channels_last
-        self.kind = f"frozen-prefix outputs of {int(ft_cfg.k)} groups (cached)"
         norm = Normalizer(spec.mean, spec.std, device, channels_last=channels_last)
         augment = BatchAugment(aug_cfg, spec.mean, spec.std, spec.num_classes)
         views, train_idx, val_idx = int(ft_cfg.cache_views), data.train_idx, data.val_idx
         labels = torch.from_numpy(data.labels)
 
-        def run(idx: np.ndarray, prepare, desc: Optional[str] = None) -> torch.Tensor:
+        def run(idx: np.ndarray, prepare, desc: Optional[str] = None, keep: bool = False) -> torch.Tensor:
             return forward_batches(prefix, IndexedRows(data.images, idx), prepare, precision,
                                    batch_size=eval_batch_size, device=device, out_dtype=torch.bfloat16,
-                                   progress=desc)
+                                   keep_on_device=keep, progress=desc)
 
         with eval_mode(model):
             probe = run(train_idx[:2], norm)
             per_item = probe[0].numel() * 2
             self.bytes = per_item * (views * len(train_idx) + 2 * len(val_idx))
+            # The cache stays on the GPU when it fits, by the image cache's rule; else it is host memory.
+            store = device if device.type != "cuda" or self.bytes <= gpu_resident_bytes(device) else torch.device("cpu")
+            keep = store.type == device.type
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            if self.bytes > total / 2:
+            if store.type == "cpu" and self.bytes > total / 2:
                 raise InatError(f"finetune.cache_views={views} would keep {self.bytes / 2**30:.1f} GB of frozen-prefix "
                                 f"outputs ({tuple(probe.shape[1:])} per image), more than half of this machine's "
                                 f"{total / 2**30:.0f} GB; use fewer views or a larger finetune.k.")
-            train_x, train_y = [], []
+            # Filled view by view: at most one view's outputs exist twice, never the whole cache.
+            self.train_x = torch.empty((views, len(train_idx), *probe.shape[1:]), dtype=torch.bfloat16,
+                                       device=store)  # (V, n_train, C, H, W)
+            self.train_y: Optional[torch.Tensor] = None  # (V, n_train) labels or (V, n_train, classes) soft targets
+            train_labels = labels[train_idx].to(device)  # moved once, sliced per batch
             for v in range(views):
                 gen = torch.Generator(device=device).manual_seed(seed * 1000 + SEED_VIEWS + 7919 * v)
                 targets: list = []
                 done = [0]  # images already augmented in this view (forward_batches keeps their order)
 
                 def augmented(u8: torch.Tensor) -> torch.Tensor:
-                    y = labels[train_idx[done[0]:done[0] + len(u8)]].to(device)
+                    y = train_labels[done[0]:done[0] + len(u8)]
                     done[0] += len(u8)
                     x, y = augment(u8, y, gen)  # y may become soft targets (mixup)
-                    targets.append(y.cpu())
+                    targets.append(y)
                     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-                train_x.append(run(train_idx, augmented, f"frozen prefix, view {v + 1}/{views}" if progress else None))
-                train_y.append(torch.cat(targets))
-            self.val_x = run(val_idx, norm)
-            self.val_flip = run(val_idx, lambda u8: norm(u8).flip(3)) if tta_flip else None
-        self.train_x, self.train_y = torch.stack(train_x), torch.stack(train_y)  # (V, n_train, ...), CPU
-        self.position = np.full(len(data.images), -1, dtype=np.int64)
-        self.position[train_idx] = np.arange(len(train_idx))
+                self.train_x[v] = run(train_idx, augmented, f"frozen prefix, view {v + 1}/{views}" if progress else None,
+                                      keep)
+                view_y = torch.cat(targets)
+                if self.train_y is None:
+                    self.train_y = torch.empty((views, *view_y.shape), dtype=view_y.dtype, device=store)
+                self.train_y[v] = view_y
+            self.val_x = run(val_idx, norm, keep=keep)
+            self.val_flip = run(val_idx, lambda u8: norm(u8).flip(3), keep=keep) if tta_flip else None
+        self.position = torch.full((len(data.images),), -1, dtype=torch.int64)  # image index -> row in train_x
+        self.position[torch.from_numpy(train_idx)] = torch.arange(len(train_idx))
+        self.position = self.position.to(store)
         self.val_labels = labels[val_idx].to(device)
+        self.kind = f"frozen-prefix outputs of {self.k} groups (cached{', GPU-resident' if store.type == 'cuda' else ''})"
 
     def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
-        pick_gen = torch.Generator().manual_seed(seed)  # the cache lives on the host; so does this draw
+        store = self.train_x.device
+        pick_gen = torch.Generator(device=store).manual_seed(seed)  # drawn where the cache lives
+        order = torch.from_numpy(perm).to(store)  # one copy per epoch, sliced per step
         for b in range(n_batches):
-            pos = torch.from_numpy(self.position[np.sort(perm[b * batch_size:(b + 1) * batch_size])])
-            pick = torch.randint(self.train_x.shape[0], (len(pos),), generator=pick_gen)
-            yield (to_device_batch(self.train_x[pick, pos], self.device).float(),
-                   to_device_batch(self.train_y[pick, pos], self.device))
+            pos = self.position[order[b * batch_size:(b + 1) * batch_size].sort().values]
+            pick = torch.randint(self.train_x.shape[0], (len(pos),), generator=pick_gen, device=store)
+            x, y = self.train_x[pick, pos], self.train_y[pick, pos]  # type: ignore[index]
+            if store.type != self.device.type:  # a host cache: the gather is copied to the GPU
+                x, y = to_device_batch(x, self.device), to_device_batch(y, self.device)
+            yield x.float(), y
 
     def evaluate(self, model: InatModel) -> Tuple[torch.Tensor, torch.Tensor]:
         from inat.models.freeze import split_at
