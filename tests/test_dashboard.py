@@ -72,6 +72,9 @@ def test_dashboard_lists_the_sweep_study(tmp_path):
         detail = get_json(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}")
         assert [t["state"] for t in detail["trials"]] == ["Complete", "Pruned"]
         assert [v["value"] for v in detail["trials"][0]["intermediate_values"]] == [0.4, 0.55, 0.6]
+        # the page docs/sweep.md says to open
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=5) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
     finally:
         server.terminate()
         try:
