@@ -129,7 +129,7 @@ def test_prepare_dataset_downloads_verifies_extracts_and_is_idempotent(server, t
     assert sorted(p.name for p in (root / "train").iterdir()) == ["ant", "bee"]
     assert len(list((root / "val").rglob("*.png"))) == 2
     # The zip is kept beside the root; no staging or .part files are left (only the empty lock file).
-    assert sorted(p.name for p in root.parent.iterdir()) == [".nature_12K.lock", "nature_12K", "nature_12K.zip"]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["nature_12K", "nature_12K.zip"]
     assert (root.parent / "nature_12K.zip").read_bytes() == data
     n = len(server.requests)
     assert prepare_dataset(root, server.url("/nature_12K.zip"), _sha(data), progress=False) == root
@@ -211,7 +211,7 @@ def test_not_a_zip_is_refused_through_prepare_dataset(server, tmp_path):
     with pytest.raises(InatError, match="corrupted"):
         prepare_dataset(root, server.url("/nature_12K.zip"), progress=False)
     assert not root.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".nature_12K.lock", "nature_12K.zip"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nature_12K.zip"]
 
 
 @pytest.mark.parametrize("name", ["../evil.txt", "top/../../evil.txt", "/abs/evil.txt"])
@@ -252,7 +252,7 @@ def test_two_processes_sharing_the_data_folder_download_once(server, tmp_path):
     assert len(server.requests) == 1  # the second process made no request: it found the dataset ready
     assert sorted(p.name for p in (root / "train").iterdir()) == ["ant", "bee"]
     assert len(list(root.rglob("*.png"))) == 8
-    assert sorted(p.name for p in root.parent.iterdir()) == [".nature_12K.lock", "nature_12K", "nature_12K.zip"]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["nature_12K", "nature_12K.zip"]
 
 
 def test_ensure_dataset_only_downloads_the_default_root(server, tmp_path):
