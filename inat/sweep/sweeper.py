@@ -198,7 +198,15 @@ class InatOptunaSweeper(OptunaSweeper):
         frames and so the model, optimizer and GPU-resident cache: kept until the next launch
         returned, one CUDA OOM made the trials after it run out of memory too.
         """
-        returns = self.sweeper.launcher.launch(overrides, initial_job_idx=trials[0].number)
+        try:
+            returns = self.sweeper.launcher.launch(overrides, initial_job_idx=trials[0].number)
+        except Exception as err:  # noqa: BLE001 - a trial's process died (submitit UncompletedJobError,
+            # joblib TerminatedWorkerError): the launcher has no result for the batch, so its trials are
+            # told FAIL below instead of the sweep aborting with them left RUNNING in the study.
+            from hydra.core.utils import JobReturn, JobStatus
+
+            log.warning(f"Trials {[t.number for t in trials]}: the launcher lost their jobs ({type(err).__name__}).")
+            returns = [JobReturn(status=JobStatus.FAILED, _return_value=err) for _ in trials]
         try:
             self._tell(study, trials, returns, sweep_dir)
         finally:
