@@ -110,45 +110,68 @@ def write_metrics(path: Path, rows: List[Dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+class LockHeld(Exception):
+    """``exclusive_file(wait=False)`` found the lock taken; ``holder`` is the text its holder wrote."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def exclusive_file(path: Path, *, wait: bool) -> Iterator[int]:
+    """Hold an ``flock`` on ``path`` (created if needed) for the block and yield its descriptor.
+
+    The lock dies with its process, so ``kill -9`` leaves no stale lock. The file is removed on
+    release; a process that opened the old file before the removal sees another inode once it
+    holds the lock, and locks the current file instead. ``wait=False`` raises ``LockHeld``
+    when another process holds it; opening the file raises OSError for the caller to word.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise LockHeld(holder) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file we opened: lock the new one
+    try:
+        yield fd
+    finally:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+        os.close(fd)  # closing releases the flock
+
+
 @contextlib.contextmanager
 def acquire_run_lock(run_dir: Path) -> Iterator[Path]:
     """Hold ``run_dir/.inat.lock`` (which names our pid) for the block; refuse a second live writer.
 
-    The lock is an ``flock`` on the file, so it dies with its process: a run killed with
-    ``kill -9`` leaves no stale lock, and its resume takes the folder back. The pid inside
-    is only for the message. The file is removed on release; a writer that opened the old
-    file before the removal sees a different inode and tries again.
+    An ``exclusive_file``: a run killed with ``kill -9`` leaves no stale lock, and its resume
+    takes the folder back. The pid inside is only for the message.
     """
     run_dir = Path(run_dir)
     lock_path = run_dir / LOCK_NAME
+    held = contextlib.ExitStack()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise InatError(f"Run folder '{run_dir}' is in use by another inat process (pid {holder}, lock file "
-                                f"{lock_path}); wait for it to finish or choose another hydra.run.dir.") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the holder removed the file we opened: lock the new one
+        fd = held.enter_context(exclusive_file(lock_path, wait=False))
+    except LockHeld as busy:
+        raise InatError(f"Run folder '{run_dir}' is in use by another inat process (pid {busy.holder or 'unknown'}, "
+                        f"lock file {lock_path}); wait for it to finish or choose another hydra.run.dir.") from None
     except OSError as err:
         raise InatError(os_error_sentence(err, lock_path, "lock")) from err
-    try:
+    with held:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
-    finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
-        os.close(fd)  # closing releases the flock
 
 
 def world() -> tuple[int, int]:

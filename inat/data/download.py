@@ -12,7 +12,6 @@ by hand to get the space back.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import os
@@ -308,34 +307,18 @@ def prepare_dataset(root: Path, url: str, sha256: Optional[str] = None, *, progr
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an ``flock`` on ``lock_path`` for the block; the kernel frees it if the holder is killed.
+    """Wait for, then hold, the download lock (``runs.exclusive_file``: removed on release, so a
+    refused or finished download leaves nothing beside the dataset)."""
+    from inat.runs import exclusive_file, os_error_sentence
 
-    The file is removed on release, so a refused or finished download leaves nothing beside the
-    dataset; a waiter that opened the removed file sees another inode once it holds the lock and
-    takes the lock on the current file instead (as ``runs.acquire_run_lock`` does).
-    """
-    from inat.runs import os_error_sentence
-
-    while True:
-        try:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(lock_path, "w")
-        except OSError as err:
-            raise InatError(os_error_sentence(err, lock_path, "create the download lock")) from err
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            same = os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        lock.close()
+    held = contextlib.ExitStack()
     try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        held.enter_context(exclusive_file(lock_path, wait=True))
+    except OSError as err:
+        raise InatError(os_error_sentence(err, lock_path, "create the download lock")) from err
+    with held:
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
-        lock.close()  # closing releases the flock
 
 
 def _download_and_extract(root: Path, url: str, sha256: Optional[str], progress: bool) -> Path:

@@ -103,10 +103,10 @@ def gather(value: T) -> List[T]:
     return out
 
 
-def broadcast_float(value: float, device: Optional[torch.device] = None) -> float:
+def broadcast_float(value: float) -> float:
     """Rank 0's float on every rank, as one CPU tensor broadcast on the control group.
 
-    ``device`` is not used (kept for callers): a CUDA tensor here would sync the stream twice.
+    Never on the run's device: a CUDA tensor here would sync the stream twice.
     """
     if not active():
         return value

@@ -79,7 +79,7 @@ class Budget:
 
     def tick(self, step_in_epoch: int) -> None:
         if step_in_epoch % self.every == 0:
-            self.elapsed = distributed.broadcast_float(self.spent + time.perf_counter() - self.t0, self.device)
+            self.elapsed = distributed.broadcast_float(self.spent + time.perf_counter() - self.t0)
 
     def progress(self, step: int) -> float:
         p = step / self.total_steps
@@ -91,7 +91,7 @@ class Budget:
 
     def epoch_seconds(self) -> float:
         """This epoch's training seconds, rank 0's on every rank."""
-        return distributed.broadcast_float(time.perf_counter() - self.t0, self.device)
+        return distributed.broadcast_float(time.perf_counter() - self.t0)
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
