@@ -180,6 +180,13 @@ class SweepConfig:
     prune_warmup_epochs: int = 1
     prune_min_trials: int = 3
     budget_minutes: float = 0.0  # stop launching trials after this much sweep time; 0 = off
+    # stop asking for trials once the study holds this many (every worker, every state); 0 = off.
+    # ``python -m inat.sweep.workers`` sets it so N workers share one trial budget.
+    max_trials: int = 0
+    # a trial process records a heartbeat in the study's storage this often (RDB storages only);
+    # a trial silent for 2x this long is failed by the next worker that asks and retried
+    heartbeat_seconds: float = 60.0
+    retries: int = 1  # times a trial failed by its heartbeat (worker killed) is retried with the same parameters
     # sweep_report / proxy promotion: where the study lives when sweep.json cannot say (a
     # PostgreSQL URL is written there without its password); None = sweep.json's
     storage: Optional[str] = None
@@ -264,7 +271,9 @@ class Config:
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     seed: int = 0
     ckpt: Optional[str] = None
-    resume: bool = False
+    # false | true (the run folder must hold last.pt) | auto (resume when last.pt is there, start
+    # fresh when the folder holds no run yet); Any because OmegaConf has no bool-or-literal type
+    resume: Any = False
 
 
 # The valid range of every numeric key, in interval notation ("[1, inf)": at least 1).
@@ -289,6 +298,7 @@ RANGES: Dict[str, str] = {
     "explain.seed": "[0, inf)", "explain.per_class": "[1, inf)", "explain.n_neurons": "[1, inf)",
     "explain.batch_size": "[1, inf)",
     "sweep.prune_warmup_epochs": "[0, inf)", "sweep.prune_min_trials": "[0, inf)", "sweep.budget_minutes": "[0, inf)",
+    "sweep.max_trials": "[0, inf)", "sweep.heartbeat_seconds": "(0, inf)", "sweep.retries": "[0, inf)",
     "predict.top_k": "[1, inf)", "predict.batch_size": "[1, inf)", "predict.workers": "[0, inf)",
     "export.verify_images": "[1, inf)", "export.opset": "[7, 23]", "export.tolerance": "(0, inf)",
     "detect.conf": "[0, 1]", "detect.iou": "[0, 1]", "detect.size": "[32, 4096]", "detect.loiter_frames": "[1, inf)",
@@ -379,6 +389,9 @@ def config_errors(cfg: Any) -> List[str]:
             msg = choice_error(key, value, valid)
             if msg:
                 errors.append(msg)
+    resume = _select(cfg, "resume")
+    if resume is not None and resume not in (True, False, "auto"):
+        errors.append(f"resume must be true, false or auto, got '{resume}'.")
     sha = _select(cfg, "data.sha256")
     if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha)):
         errors.append(f"data.sha256 must be 64 hexadecimal characters (the output of sha256sum), got '{sha}'.")
