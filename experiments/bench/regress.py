@@ -46,6 +46,8 @@ def inat_run(tree: Path, data: str, size: int, run_dir: Path, epochs: int, log: 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--old", required=True, help="the commit to compare with")
+    p.add_argument("--new", default=None, help="the commit to measure (default: this checkout as it is; name one "
+                                               "when files here may change during the run)")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "imagewoof10"))
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--epochs", type=int, default=3)
@@ -58,11 +60,16 @@ def main() -> None:
     old_tree = work / "old"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old_tree), a.old], check=True,
                    capture_output=True)
-    new_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+    new_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.new or "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True).stdout.strip())
-    trees = {"old": old_tree, "new": REPO}
+    dirty = a.new is None and bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                                   "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
+    new_tree = REPO
+    if a.new is not None:
+        new_tree = work / "new"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(new_tree), a.new], check=True,
+                       capture_output=True)
+    trees = {"old": old_tree, "new": new_tree}
     try:
         for name, tree in trees.items():  # decode caches, untimed
             inat_run(tree, a.data, a.size, work / f"warm_{name}", 2, work / f"warm_{name}.log")
@@ -77,7 +84,8 @@ def main() -> None:
             ips["peer"].append(round(json.loads(out.read_text())["train_images_per_sec"], 1))
             print(f"round {r + 1}: old {ips['old'][-1]}, new {ips['new'][-1]}, peer {ips['peer'][-1]} img/s", flush=True)
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
+        for tree in {old_tree, new_tree} - {REPO}:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     median = {k: statistics.median(v) for k, v in ips.items()}
     result = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA") if k in os.environ},
