@@ -32,15 +32,20 @@ from benchmark import PEER, peer_cmd, run  # noqa: E402  (the same runner and pe
 from variants import cpu_name  # noqa: E402
 
 
-def inat_run(tree: Path, data: str, size: int, run_dir: Path, epochs: int, log: Path) -> float:
-    """Best training img/s after the first epoch of ``run.py`` in ``tree``."""
+def inat_run(tree: Path, data: str, size: int, run_dir: Path, epochs: int, log: Path, precision: str) -> float:
+    """Best training img/s after the first epoch of ``run.py`` in ``tree`` (its precision: ``precision_of``)."""
     cmd = [sys.executable, str(tree / "run.py"), f"data.root={data}", f"data.image_size={size}",
            f"hydra.run.dir={run_dir}", "wandb.mode=disabled", "filters.base=32", "model.dense_units=128",
-           f"train.epochs={epochs}", "train.max_minutes=0", "train.then_test=false"]
+           f"train.epochs={epochs}", "train.max_minutes=0", "train.then_test=false", f"train.precision={precision}"]
     code, _, _ = run(cmd, log)
     assert code == 0, log.read_text()[-2000:]
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     return max(float(row["images_per_sec"]) for row in rows[1:])
+
+
+def precision_of(run_dir: Path) -> str:
+    """The precision ``train.precision=auto`` chose for a run, from its summary.json."""
+    return json.loads((run_dir / "summary.json").read_text())["precision"]
 
 
 def main() -> None:
@@ -52,6 +57,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    # Under ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 on a bf16 CPU, cpuinfo still reports native bf16,
+    # so auto picks bf16 that oneDNN must then emulate; a real AVX2 CPU gets fp32 from auto: pass 32 there.
+    p.add_argument("--precision", default="auto", help="train.precision for both commits")
     p.add_argument("--out", default=str(REPO / "experiments" / "bench" / "regress.json"))
     a = p.parse_args()
     import torch
@@ -72,12 +80,12 @@ def main() -> None:
     trees = {"old": old_tree, "new": new_tree}
     try:
         for name, tree in trees.items():  # decode caches, untimed
-            inat_run(tree, a.data, a.size, work / f"warm_{name}", 2, work / f"warm_{name}.log")
+            inat_run(tree, a.data, a.size, work / f"warm_{name}", 2, work / f"warm_{name}.log", a.precision)
         ips = {"old": [], "new": [], "peer": []}
         for r in range(a.rounds):
             for name, tree in trees.items():
                 ips[name].append(round(inat_run(tree, a.data, a.size, work / f"{name}{r}", a.epochs,
-                                                work / f"{name}{r}.log"), 1))
+                                                work / f"{name}{r}.log", a.precision), 1))
             out = work / f"peer{r}.json"
             code, _, _ = run(peer_cmd(a.data, a.size, out, "--epochs", "1"), work / f"peer{r}.log")
             assert code == 0, (work / f"peer{r}.log").read_text()[-2000:]
@@ -88,6 +96,8 @@ def main() -> None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     median = {k: statistics.median(v) for k, v in ips.items()}
     result = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "bf16_native": torch.cpu._is_avx512_bf16_supported(),
+              "precision": {name: precision_of(work / f"{name}0") for name in trees},
               "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA") if k in os.environ},
               "torch": torch.__version__, "data": Path(a.data).name, "size": a.size, "epochs": a.epochs,
               "old": a.old, "new": new_rev + ("+uncommitted" if dirty else ""), "peer": PEER.name,
