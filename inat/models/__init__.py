@@ -1,4 +1,11 @@
-"""Models: the registry, the scratch CNN, pretrained backbones and freezing strategies."""
+"""Models: the registry, the scratch CNN, pretrained backbones and freezing strategies.
+
+Importing this package registers every built-in model: the registry (``registry.py``) is a
+leaf that imports no model, and the model modules are imported here, as timm's
+``models/__init__.py`` does, so ``list_models()`` is complete whichever module a caller
+imports first. The model modules keep their heavy dependencies (torchvision, timm) inside
+the builders, so this import stays light.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +14,14 @@ from typing import Any, List, Tuple
 from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
 from inat.models.registry import create_model, list_models, register_model
+from inat.models import pretrained, scratch  # noqa: F401 - imported to register their builders
 
 __all__ = ["InatModel", "ModelSpec", "create_model", "list_models", "register_model", "build_from_config",
            "model_from_checkpoint", "model_from_state"]
 
 
 def build_from_config(cfg: Any, num_classes: int) -> InatModel:
-    """``create_model`` with the sections of a full run config."""
+    """``create_model`` with the sections of a full run config (each builder takes the ones it reads)."""
     return create_model(cfg.model, num_classes=num_classes, image_size=int(cfg.data.image_size),
                         act=cfg.act, filters=cfg.filters)
 
@@ -22,9 +30,9 @@ def model_from_checkpoint(path: str | Path, *, use_ema: bool = True) -> Tuple[In
     """Rebuild a model from an inat checkpoint alone: ``(model in eval mode, spec, classes)``.
 
     The EMA weights are used when the run kept them, since those are what it validated.
+    Commands that score images use ``inat.predictor.Predictor.from_checkpoint``, which adds
+    the device, precision, temperature and preprocessing.
     """
-    from omegaconf import OmegaConf
-
     from inat.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)

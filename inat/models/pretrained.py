@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
+from inat.models.effnet_lite import is_lukemelas_state, load_package_weights, remap_lukemelas_keys
 from inat.models.registry import register_model
 
 Groups = List[Tuple[str, List[str]]]  # (group name, module names inside the wrapped net)
@@ -303,13 +304,13 @@ def build_torchvision_backbone(arch: str, model_cfg: Any, num_classes: int, name
 
 
 @register_model("resnet50")
-def build_resnet50(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = None, filters: Any = None) -> Backbone:
+def build_resnet50(model_cfg: Any, *, num_classes: int) -> Backbone:
     """torchvision ResNet-50 (``model.weights``: IMAGENET1K_V2 by default, or IMAGENET1K_V1)."""
     return build_torchvision_backbone("resnet50", model_cfg, num_classes, "resnet50")
 
 
 @register_model("torchvision")
-def build_torchvision(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = None, filters: Any = None) -> Backbone:
+def build_torchvision(model_cfg: Any, *, num_classes: int) -> Backbone:
     """Any torchvision classifier named by ``model.arch`` (resnet18, convnext_tiny, inception_v3, ...)."""
     arch = _option(model_cfg, "arch")
     if not arch:
@@ -346,7 +347,7 @@ def _module_name(root: nn.Module, module: nn.Module) -> str:
 
 
 @register_model("timm")
-def build_timm(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = None, filters: Any = None) -> Backbone:
+def build_timm(model_cfg: Any, *, num_classes: int) -> Backbone:
     """Any timm model named by ``model.arch`` (a pretrained tag such as ``resnet50.a1_in1k`` works too)."""
     import timm
 
@@ -403,19 +404,17 @@ def build_efficientnet_lite(variant: str, model_cfg: Any, num_classes: int) -> B
     """
     import timm
 
-    from inat.models import effnet_lite
-
     pretrained = bool(_option(model_cfg, "pretrained", True))
     weights_file = _option(model_cfg, "weights_file")
     net = timm.create_model(f"tf_{variant}", pretrained=False, drop_rate=float(_option(model_cfg, "dropout", 0.2)),
                             drop_path_rate=float(_option(model_cfg, "drop_path", 0.0)))
     if pretrained and not weights_file:
-        effnet_lite.load_package_weights(net, variant)
+        load_package_weights(net, variant)
     net.reset_classifier(num_classes)
     if pretrained and weights_file:
         depths = [len(stage) for stage in net.blocks]
         load_weights_file(net, weights_file, "classifier",
-                          remap=lambda s: effnet_lite.remap_lukemelas_keys(s, depths) if effnet_lite.is_lukemelas_state(s) else s)
+                          remap=lambda s: remap_lukemelas_keys(s, depths) if is_lukemelas_state(s) else s)
     groups: Groups = [("stem", ["conv_stem", "bn1"])]
     groups += [(f"stage{i}", [f"blocks.{i}"]) for i in range(len(net.blocks))]
     groups += [("head_conv", ["conv_head", "bn2"]), ("head", ["classifier"])]
@@ -431,18 +430,18 @@ def build_efficientnet_lite(variant: str, model_cfg: Any, num_classes: int) -> B
 
 
 @register_model("efficientnet_lite0")
-def build_efficientnet_lite0(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = None, filters: Any = None) -> Backbone:
+def build_efficientnet_lite0(model_cfg: Any, *, num_classes: int) -> Backbone:
     """EfficientNet-Lite0 (4.7M parameters with a 1000-class head, 224 px), offline ImageNet weights."""
     return build_efficientnet_lite("efficientnet_lite0", model_cfg, num_classes)
 
 
 @register_model("efficientnet_lite1")
-def build_efficientnet_lite1(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = None, filters: Any = None) -> Backbone:
+def build_efficientnet_lite1(model_cfg: Any, *, num_classes: int) -> Backbone:
     """EfficientNet-Lite1 (240 px), offline ImageNet weights."""
     return build_efficientnet_lite("efficientnet_lite1", model_cfg, num_classes)
 
 
 @register_model("efficientnet_lite2")
-def build_efficientnet_lite2(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = None, filters: Any = None) -> Backbone:
+def build_efficientnet_lite2(model_cfg: Any, *, num_classes: int) -> Backbone:
     """EfficientNet-Lite2 (260 px), offline ImageNet weights."""
     return build_efficientnet_lite("efficientnet_lite2", model_cfg, num_classes)

@@ -203,8 +203,9 @@ def architecture_from_config(model_cfg: Any, *, num_classes: int, image_size: in
 
 
 @register_model("scratch")
-def build_scratch(model_cfg: Any, *, num_classes: int, image_size: int, act: Any, filters: Any) -> ScratchCNN:
-    """Build the scratch CNN; ``model.dense_act`` null means the ``act`` choice."""
+def build_scratch(model_cfg: Any, *, num_classes: int, image_size: int, act: Any = None, filters: Any) -> ScratchCNN:
+    """Build the scratch CNN from its sections: ``model``, ``act`` (None: ReLU), ``filters`` and
+    ``data.image_size``; ``model.dense_act`` null means the ``act`` choice."""
     arch = architecture_from_config(model_cfg, num_classes=num_classes, image_size=image_size, filters=filters)
     act_name = act.name if act is not None else "relu"
     act_kwargs = {}
