@@ -19,15 +19,16 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
 
 import inat
-from inat.checkpoint import load_checkpoint
+from inat.calibration import apply_temperature
 from inat.data.folder import IMAGE_EXTENSIONS
-from inat.data.images import decode_image, to_float
-from inat.inference import Precision, batched_logits
+from inat.data.images import to_float
 from inat.errors import InatError
-from inat.models import ModelSpec, model_from_state
+from inat.inference import Precision, Preprocess
+from inat.models import ModelSpec
+from inat.predictor import Predictor
+from inat.run_folder import EXPORT
 from inat.runs import atomic_path, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -61,14 +62,14 @@ def preprocessing_metadata(spec: ModelSpec, classes: List[str], model_name: str)
     }
 
 
-def verification_images(data_root: str | None, spec: ModelSpec, n: int) -> Tuple[np.ndarray, str]:
+def verification_images(data_root: str | None, preprocess: Preprocess, n: int) -> Tuple[np.ndarray, str]:
     """``((n, S, S, 3) uint8, source)``: seeded picks from ``<data_root>/train``, else random pixels.
 
     Real photos exercise the value ranges the model will see in use, which random noise does
-    not; the test folder is never read, so exporting cannot touch held-out data.
+    not; the test folder is never read, so exporting cannot touch held-out data. Files are
+    decoded with the checkpoint's ``preprocess``.
     """
-    size = int(spec.input_size)
-    crop_pct = float(spec.crop_pct)
+    size = int(preprocess.size)
     train = Path(data_root) / "train" if data_root else None
     if train is not None and train.is_dir():
         files = sorted(p for p in train.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -76,7 +77,7 @@ def verification_images(data_root: str | None, spec: ModelSpec, n: int) -> Tuple
         arrays = []
         for i in order:
             try:
-                arrays.append(decode_image(files[i], size, spec.interpolation, crop_pct))
+                arrays.append(preprocess.file(files[i]))
             except InatError:
                 continue  # a bad training file says nothing about the export; take the next one
             if len(arrays) == n:
@@ -181,27 +182,24 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
         raise InatError(f"Unknown export.format '{fmt}': valid are {', '.join(FORMATS)}.")
     if verify_images < 1:
         raise InatError(f"export.verify_images must be at least 1 (got {verify_images}).")
-    state = load_checkpoint(ckpt)
-    model = model_from_state(state)  # the checkpoint is read once
-    spec, classes = model.spec, list(state["classes"])
-    model = model.float().cpu().eval()
-    model_name = str(state["config"].get("model", {}).get("name", spec.name))
+    # On the CPU in fp32 whatever the machine has: the exported graph computes in fp32, and the
+    # parity reference must be the same computation.
+    fp32 = Precision("32", "export parity: the exported graph computes in fp32")
+    predictor = Predictor.from_checkpoint(ckpt, precision=fp32, device="cpu", calibrated=calibrated)
+    spec, classes, config = predictor.spec, predictor.classes, predictor.config
+    model = predictor.model.float()
+    model_name = str(config.get("model", {}).get("name", spec.name))
     metadata = preprocessing_metadata(spec, classes, model_name)
-    from inat.calibration import checkpoint_temperature
-
-    temperature = checkpoint_temperature(state)
-    if calibrated and temperature is not None:
+    temperature = predictor.temperature
+    if predictor.applied_temperature is not None:
         model = TemperatureScaled(model, temperature).eval()
     metadata.update(temperature="" if temperature is None else repr(temperature),
-                    calibrated=str(calibrated and temperature is not None).lower())
+                    calibrated=str(predictor.applied_temperature is not None).lower())
     size = int(spec.input_size)
     example = torch.zeros(TRACE_BATCH, 3, size, size)
-    images, source = verification_images(state["config"].get("data", {}).get("root"), spec, int(verify_images))
+    images, source = verification_images(config.get("data", {}).get("root"), predictor.preprocess, int(verify_images))
     x = to_float(torch.from_numpy(images), spec.mean, spec.std).contiguous()  # (B, 3, S, S)
-    # The exported graph computes in fp32, so its reference is the inference module's fp32 policy.
-    fp32 = Precision("32", "export parity: the exported graph computes in fp32")
-    reference = batched_logits(model, images, spec.mean, spec.std, fp32, device=torch.device("cpu"),
-                               channels_last=False).numpy()
+    reference = apply_temperature(predictor.logits(images, tta=False), predictor.applied_temperature).numpy()
 
     out_dir = Path(out_dir)
     final = out_dir / FORMATS[fmt]
@@ -224,5 +222,5 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
               "n_images": int(len(x)), "images": source, "tolerance": tolerance,
               "exporter": onnx_exporter if fmt == "onnx" else "torch.jit.trace",
               "ckpt": str(Path(ckpt).resolve()), "bytes": final.stat().st_size, "metadata": metadata}
-    write_json(out_dir / "export.json", result)
+    write_json(out_dir / EXPORT, result)
     return result

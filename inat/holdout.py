@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from inat.checkpoint import load_checkpoint
 from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check_leakage re-exported
 from inat.errors import InatError
-from inat.models import model_from_state
+from inat.predictor import Predictor
+from inat.run_folder import RELIABILITY, TEST
 from inat.runs import write_json
-from inat.inference import batched_logits, pick_device, process_precision
 
 
 def class_scores(confusion: np.ndarray, classes: List[str]) -> Dict[str, Any]:
@@ -66,16 +65,14 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
     from inat.training import load_data
 
     cfg = OmegaConf.create(state["config"])
-    spec = model.spec
+    predictor = Predictor.from_state(state, model=model, device=device, precision=precision)
     root = Path(cfg.data.root)
-    data = load_data(cfg.data, spec, root, scan_train(root), progress=progress)
+    data = load_data(cfg.data, predictor.spec, root, scan_train(root), progress=progress)
     expected = state.get("split_sha1", {}).get("val")
     if expected is not None and [data.sha1[i] for i in data.val_idx] != list(expected):
         raise InatError(f"The validation split rebuilt from '{root}/train' differs from the run's, so no temperature "
                         f"can be fitted; the train folder changed since training.")
-    logits = batched_logits(model, data.images[data.val_idx], spec.mean, spec.std,
-                            process_precision(precision, device, announce=False), batch_size=int(cfg.train.eval_batch_size),
-                            tta_flip=bool(cfg.aug.tta_flip), device=device, channels_last=bool(cfg.train.channels_last))
+    logits = predictor.logits(data.images[data.val_idx], batch_size=int(cfg.train.eval_batch_size))
     return logits, data.labels[data.val_idx]
 
 
@@ -113,21 +110,15 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
 
     ``precision`` is this process's policy (``train.precision`` of the command, ``auto`` by
     default), not the one the checkpoint was trained under: another machine may lack it.
+    The test folder is read only here, through ``read_test_set`` (the guard and the leak check).
     """
-    state = load_checkpoint(ckpt_path)
+    predictor = Predictor.from_checkpoint(ckpt_path, precision=precision, announce=True)
+    state, classes, spec = predictor.state, predictor.classes, predictor.spec
     cfg = OmegaConf.create(state["config"])
-    classes = list(state["classes"])
     root = Path(data_root or cfg.data.root)
-    model = model_from_state(state)
-    device = pick_device()
-    model.to(device).eval()
-    spec = model.spec
     folder, cache = read_test_set(state, root, int(spec.input_size), purpose="test mode", interpolation=spec.interpolation,
                                   crop_pct=float(spec.crop_pct), cache_dir=cfg.data.cache_dir, progress=progress)
-    policy = process_precision(precision, device)
-    logits = batched_logits(model, cache.images, spec.mean, spec.std, policy, batch_size=batch_size,
-                            tta_flip=bool(cfg.aug.tta_flip), device=device,
-                            channels_last=bool(cfg.train.channels_last), progress="test" if progress else None)
+    logits = predictor.logits(cache.images, batch_size=batch_size, progress="test" if progress else None)
     y = np.asarray(folder.labels)
     pred = logits.argmax(1).numpy()
     k = len(classes)
@@ -137,12 +128,13 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
                  for i, c in enumerate(classes)}
     result = {"accuracy": float((pred == y).mean()), "n": int(len(y)), "per_class_accuracy": per_class,
               "confusion_matrix": confusion.tolist(), "classes": classes, "ckpt": str(Path(ckpt_path).resolve()),
-              "data_root": str(root), "tta_flip": bool(cfg.aug.tta_flip),
+              "data_root": str(root), "tta_flip": predictor.tta_flip,
               "loss": float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))}
     result["top_k_accuracy"] = top_k_accuracy(logits, y)
     result.update(class_scores(confusion, classes))
-    result.update(calibration_section(logits, y, *checkpoint_or_val_temperature(state, model, device, precision), Path(out_dir)))
-    write_json(Path(out_dir) / "test.json", result)
+    temperature = checkpoint_or_val_temperature(state, predictor.model, predictor.device, precision)
+    result.update(calibration_section(logits, y, *temperature, Path(out_dir)))
+    write_json(Path(out_dir) / TEST, result)
     return result
 
 
@@ -158,6 +150,6 @@ def calibration_section(logits: torch.Tensor, labels: np.ndarray, temperature: O
     if temperature is not None:
         curves[f"T = {temperature:.2f}"] = (logits.double() / temperature).softmax(1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    reliability_diagram(curves, labels, out_dir / "reliability.png", title="Test reliability")
+    reliability_diagram(curves, labels, out_dir / RELIABILITY, title="Test reliability")
     return {**(after or before), "calibration": {"bins": ECE_BINS, "temperature": temperature, "temperature_source": source,
-                                                 "before": before, "after": after, "figure": "reliability.png"}}
+                                                 "before": before, "after": after, "figure": RELIABILITY}}

@@ -20,17 +20,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from omegaconf import DictConfig
 
 from inat.data.folder import IMAGE_EXTENSIONS
-from inat.data.images import decode_image
 from inat.errors import InatError
-from inat.models import ModelSpec, model_from_state
+from inat.inference import Preprocess
+from inat.models import ModelSpec
+from inat.predictor import Predictor
+from inat.run_folder import PREDICTIONS
 from inat.runs import atomic_open
-from inat.inference import batched_logits, pick_device, process_precision
 
-PREDICTIONS_FILE = "predictions.jsonl"
+PREDICTIONS_FILE = PREDICTIONS  # the name predict writes, kept for callers of the older spelling
 
 
 @dataclass
@@ -69,28 +68,29 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> List[Path]:
     return paths
 
 
-def _decode_chunk(pool: ThreadPoolExecutor, paths: Sequence[Path], spec: ModelSpec) -> List[Future]:
-    crop_pct = float(spec.crop_pct)
-    return [pool.submit(decode_image, p, spec.input_size, spec.interpolation, crop_pct) for p in paths]
+def _decode_chunk(pool: ThreadPoolExecutor, paths: Sequence[Path], preprocess: Preprocess) -> List[Future]:
+    return [pool.submit(preprocess.file, p) for p in paths]
 
 
 def iter_decoded(paths: Sequence[Path], spec: ModelSpec, batch_size: int, workers: int
                  ) -> Iterator[Tuple[List[Path], np.ndarray, List[Tuple[Path, str]]]]:
     """Yield ``(decoded paths, (B, S, S, 3) uint8, [(failed path, reason)])`` chunk by chunk.
 
-    PIL releases the GIL while decoding, so a small thread pool decodes in parallel; the next
-    chunk is already being decoded while the caller scores this one, and at most two chunks
-    are held in memory, however large the folder.
+    Files are decoded with the spec's preprocessing (``Preprocess.from_spec``). PIL releases
+    the GIL while decoding, so a small thread pool decodes in parallel; the next chunk is
+    already being decoded while the caller scores this one, and at most two chunks are held
+    in memory, however large the folder.
     """
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     if not chunks:
         return
+    preprocess = Preprocess.from_spec(spec)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = _decode_chunk(pool, chunks[0], spec)
+        pending = _decode_chunk(pool, chunks[0], preprocess)
         for i, chunk in enumerate(chunks):
             futures = pending
             if i + 1 < len(chunks):
-                pending = _decode_chunk(pool, chunks[i + 1], spec)
+                pending = _decode_chunk(pool, chunks[i + 1], preprocess)
             good, arrays, bad = [], [], []
             for path, fut in zip(chunk, futures):
                 try:
@@ -100,16 +100,18 @@ def iter_decoded(paths: Sequence[Path], spec: ModelSpec, batch_size: int, worker
                     # decode_image's sentence points at +mode=audit; one line per file wants just the cause
                     cause = err.__cause__
                     bad.append((path, f"{type(cause).__name__}: {cause}" if cause else str(err)))
-            size = spec.input_size
+            size = preprocess.size
             batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
             yield good, batch, bad
 
 
-def top_k_record(path: Path, probs: torch.Tensor, classes: Sequence[str], k: int) -> Dict[str, Any]:
-    """One JSONL object: ``path``, ``class`` and ``probability`` of the top class, ``top_k`` list."""
-    values, indices = probs.topk(k)
-    top = [{"class": classes[int(i)], "probability": round(float(v), 6)} for v, i in zip(values, indices)]
-    return {"path": str(path), "class": top[0]["class"], "probability": top[0]["probability"], "top_k": top}
+def top_k_record(path: Path, top: Sequence[Tuple[str, float]]) -> Dict[str, Any]:
+    """One JSONL object: ``path``, ``class`` and ``probability`` of the top class, ``top_k`` list.
+
+    ``top`` is one row of ``Predictor.top_k``: ``(class, probability)`` pairs, best first.
+    """
+    rows = [{"class": name, "probability": round(p, 6)} for name, p in top]
+    return {"path": str(path), "class": rows[0]["class"], "probability": rows[0]["probability"], "top_k": rows}
 
 
 def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: Path, *, top_k: int = 3,
@@ -132,37 +134,25 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     if not paths:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise InatError(f"No image files ({extensions}) found in {', '.join(map(str, inputs))}.")
-    from inat.calibration import apply_temperature, checkpoint_temperature
-    from inat.checkpoint import load_checkpoint
-
-    state = load_checkpoint(ckpt)
-    model = model_from_state(state)
-    spec, classes = model.spec, list(state["classes"])
-    temperature = checkpoint_temperature(state, calibrated)
-    k = min(top_k, len(classes))
-    device = pick_device()
-    model.to(device)
     # The process's policy (fp32 unless the hardware has native bf16/fp16): emulated bf16 on
     # a CPU is slower than fp32, and native half precision never flips a clear top class.
-    policy = process_precision(precision, device, announce=False)
+    predictor = Predictor.from_checkpoint(ckpt, precision=precision, calibrated=calibrated)
     workers = workers or min(8, os.cpu_count() or 1)
 
-    final = Path(out_dir) / PREDICTIONS_FILE
-    result = PredictResult(temperature=temperature)
+    final = Path(out_dir) / PREDICTIONS
+    result = PredictResult(temperature=predictor.applied_temperature)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=len(paths) <= batch_size, mininterval=1.0)
     try:
         # atomic_open: a read-only or full output folder is one sentence, and no torn file stays.
         with atomic_open(final, "w") as fh:
-            for good, images, bad in iter_decoded(paths, spec, batch_size, workers):
+            for good, images, bad in iter_decoded(paths, predictor.spec, batch_size, workers):
                 for path, reason in bad:
                     result.skipped.append((str(path), reason))
                     bar.write(f"warning: skipped '{path}' ({reason})", file=sys.stderr)
                 if len(good):
-                    logits = batched_logits(model, images, spec.mean, spec.std, policy, batch_size=batch_size,
-                                            tta_flip=tta, device=device, channels_last=device.type == "cuda")
-                    probs = apply_temperature(logits, temperature).softmax(dim=1)
-                    for path, p in zip(good, probs):
-                        record = top_k_record(path, p, classes, k)
+                    probs = predictor.probabilities(images, tta=tta, batch_size=batch_size)
+                    for path, top in zip(good, predictor.top_k(probs, top_k)):
+                        record = top_k_record(path, top)
                         result.records.append(record)
                         fh.write(json.dumps(record) + "\n")
                         if echo:

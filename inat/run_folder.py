@@ -31,8 +31,18 @@ BEST = "checkpoints/best.pt"
 LAST = "checkpoints/last.pt"
 TEST = "test.json"  # +mode=test writes <run>/test/test.json; an older layout kept it at <run>/test.json
 TEST_DIR = "test"
+RELIABILITY = "reliability.png"  # beside test.json: the test set's reliability diagram
 INFO = "info.json"
-EXPLAIN = "explain/explain.json"
+EXPLAIN_DIR = "explain"
+EXPLAIN_FILE = "explain.json"  # what +mode=explain writes into its output folder, beside the figures it names
+EXPLAIN = f"{EXPLAIN_DIR}/{EXPLAIN_FILE}"
+
+# --- the output folders of the other commands ----------------------------------------------
+# detect's summary has its own name: a summary.json there made is_run take a detect folder for a training run.
+DETECT = "detect.json"
+DETECT_EVENTS = "events.jsonl"
+PREDICTIONS = "predictions.jsonl"
+EXPORT = "export.json"
 HYDRA_CONFIG = ".hydra/config.yaml"
 HYDRA_OVERRIDES = ".hydra/overrides.yaml"
 
@@ -286,7 +296,7 @@ def read_run(run_dir: Path, strict: bool = True) -> RunRecord:
     run_dir = Path(run_dir)
     summary = read_summary(run_dir, strict)
     config = (summary.config if summary is not None else None) or _yaml(run_dir / HYDRA_CONFIG) or {}
-    explain_dir = run_dir / "explain" if (run_dir / EXPLAIN).is_file() else None
+    explain_dir = run_dir / EXPLAIN_DIR if (run_dir / EXPLAIN).is_file() else None
     return RunRecord(run_dir, summary, read_metrics(run_dir), read_overrides(run_dir), config,
                      find_test(run_dir) if strict else None, _json(run_dir / INFO, strict), explain_dir)
 

@@ -3,8 +3,10 @@
 Reads images, folders of frames and videos, runs the YOLO detector on every frame, and
 writes into the run folder: annotated images (``frames/``), an annotated video per input
 video (``<stem>_annotated.mp4``), a snapshot per loitering alert (``alerts/``), a JSON-lines
-event log (``events.jsonl``) and ``summary.json``. With ``detect.classify=CKPT`` each
-detected animal is cropped and named by an inat classifier.
+event log (``events.jsonl``) and ``detect.json`` (frames, detections per class, alerts, speed;
+named apart from a training run's ``summary.json``, so no run reader takes this folder for a
+run). With ``detect.classify=CKPT`` each detected animal is cropped and named by an inat
+classifier.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from inat.detect.detector import Detection, Detector, check_class_names
 from inat.detect.track import LoiterTracker, Track
 from inat.errors import InatError
+from inat.run_folder import DETECT, DETECT_EVENTS
 from inat.runs import write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -124,42 +127,30 @@ def iter_frames(kind: str, path: Path, files: List[Path],
 
 
 class SpeciesNamer:
-    """Names crops of detected animals with an inat classifier checkpoint (``detect.classify``)."""
+    """Names crops of detected animals with an inat classifier checkpoint (``detect.classify``).
+
+    The checkpoint's ``Predictor``: its device, precision, preprocessing (size, interpolation,
+    crop_pct, as in test mode) and calibrated probabilities when the run fitted a temperature.
+    """
 
     def __init__(self, checkpoint: str) -> None:
         # Imported here: the classifier stack is only needed when this option is used.
-        from inat.calibration import checkpoint_temperature
-        from inat.checkpoint import load_checkpoint
-        from inat.models import model_from_state
+        from inat.predictor import Predictor
 
         if not Path(checkpoint).is_file():
             raise InatError(f"Classifier checkpoint {checkpoint} (detect.classify) does not exist.")
-        state = load_checkpoint(checkpoint)
-        self.model = model_from_state(state)
-        self.spec, self.classes = self.model.spec, list(state["classes"])
-        self.temperature = checkpoint_temperature(state) or 1.0  # calibrated probabilities when the run fitted T
-        # The checkpoint's own preprocessing (size, interpolation, crop_pct), as in test mode.
-        from inat.inference import Preprocess, pick_device, process_precision
-
-        self.preprocess = Preprocess.from_spec(self.spec)
-        self.device = pick_device()
-        self.model.to(self.device)
-        self.precision = process_precision("auto", self.device, announce=False)
+        self.predictor = Predictor.from_checkpoint(checkpoint)
 
     def name(self, image_rgb: np.ndarray, boxes: Sequence[Tuple[float, float, float, float]]) -> List[Tuple[str, float]]:
         """(class name, probability) for each box's crop of the ``(H, W, 3)`` RGB image."""
-        from inat.inference import batched_logits
-
         if not boxes:
             return []
         crops = []
         for x1, y1, x2, y2 in boxes:
             crop = image_rgb[int(y1):max(int(y1) + 1, int(round(y2))), int(x1):max(int(x1) + 1, int(round(x2)))]
-            crops.append(self.preprocess.array(crop))  # (S, S, 3) uint8
-        logits = batched_logits(self.model, np.stack(crops), self.spec.mean, self.spec.std, self.precision,
-                                device=self.device, channels_last=False)
-        best, index = torch.softmax(logits / self.temperature, dim=1).max(dim=1)
-        return [(self.classes[int(i)], round(float(p), 4)) for p, i in zip(best, index)]
+            crops.append(self.predictor.preprocess.array(crop))  # (S, S, 3) uint8
+        probs = self.predictor.probabilities(np.stack(crops), tta=False)
+        return [(top[0][0], round(top[0][1], 4)) for top in self.predictor.top_k(probs, 1)]
 
 
 def draw(image_bgr: np.ndarray, detections: Sequence[Detection], watched: set, labels: Dict[int, str],
@@ -209,7 +200,7 @@ def _event(frame: Frame, det: Detection, kind: str, track: Track, species: Optio
 
 
 def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
-    """Run the watcher over ``detect_cfg.inputs``; write outputs into ``out_dir``; return the summary.
+    """Run the watcher over ``detect_cfg.inputs``; write outputs into ``out_dir``; return ``detect.json``'s content.
 
     ``detect_cfg`` is the ``detect`` section of the config (``DetectConfig``). Events:
     one "detection" per watched object per frame, and one "loitering" when a tracked
@@ -231,7 +222,7 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
     frames_done, detect_seconds = 0, 0.0
     started = time.perf_counter()
     skipped: List[Tuple[str, str]] = []
-    with open(out_dir / "events.jsonl", "w") as log:
+    with open(out_dir / DETECT_EVENTS, "w") as log:
         for kind, path, files in sources:
             tracker = LoiterTracker(int(detect_cfg.loiter_frames))
             writer = None
@@ -280,7 +271,7 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
                     writer.release()
     wall = time.perf_counter() - started
     if frames_done == 0 and skipped:
-        (out_dir / "events.jsonl").unlink(missing_ok=True)  # nothing watched: no output that looks finished
+        (out_dir / DETECT_EVENTS).unlink(missing_ok=True)  # nothing watched: no output that looks finished
         raise InatError(f"None of the {len(skipped)} input image(s) could be decoded (first: '{skipped[0][0]}').")
     summary = {
         "frames": frames_done,
@@ -293,7 +284,7 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
         "watch": sorted(watched),
         "environment": _environment(detector.device),  # the speed is this machine's: CPU, capability, threads
     }
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / DETECT, summary)
     return summary
 
 

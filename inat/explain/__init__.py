@@ -35,12 +35,14 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     """Draw the requested figures for ``ckpt`` into ``out_dir`` and return explain.json's content.
 
     ``data_root`` defaults to the root the checkpoint was trained on. Test images are read
-    through the test-folder guard with the checkpoint's preprocessing.
+    through the test-folder guard with the checkpoint's preprocessing and scored by its
+    ``Predictor``, on the device ``pick_device`` chooses (the GPU when there is one); the
+    figures' gradients run there too.
     """
     import numpy as np
 
-    from inat.checkpoint import load_checkpoint
-    from inat.models import model_from_state
+    from inat.predictor import Predictor
+    from inat.run_folder import EXPLAIN_FILE
     from inat.runs import write_json
 
     unknown = [w for w in what if w not in WHAT]
@@ -51,26 +53,19 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(ckpt)
-    root = data_root or state["config"]["data"]["root"]
-    try:
-        model = model_from_state(state)  # the checkpoint is read once
-    except InatError as err:
-        raise InatError(f"Checkpoint '{ckpt}': {err}") from err
-    spec, classes = model.spec, list(state["classes"])
+    predictor = Predictor.from_checkpoint(ckpt)  # the checkpoint is read once
+    state, model, spec, classes = predictor.state, predictor.model, predictor.spec, predictor.classes
+    root = data_root or predictor.config["data"]["root"]
 
     scores = None
     needs_scores = bool({"grid", "guided_backprop", "confusion", "gradcam"} & set(what)) or ("filters" in what and not image)
     if needs_scores:
-        from inat.explain.scoring import score_test_set
+        from inat.explain.scoring import score_test_folder
 
-        tta = bool(state["config"].get("aug", {}).get("tta_flip", False))  # score as test mode does
-        scores = score_test_set(model, spec, state, root, batch_size=batch_size, tta_flip=tta,
-                                cache_dir=state["config"]["data"].get("cache_dir", ""))
-        from inat.calibration import checkpoint_temperature, rescale_probs
-
-        # Confidences shown in the figures are calibrated when the run fitted a temperature.
-        scores.probs = rescale_probs(scores.probs, checkpoint_temperature(state))
+        # Scored as test mode does (the run's tta_flip); the confidences shown in the figures are
+        # calibrated when the run fitted a temperature.
+        scores = score_test_folder(predictor, root, batch_size=batch_size,
+                                   cache_dir=predictor.config["data"].get("cache_dir", ""))
 
     result: Dict[str, Any] = {"ckpt": str(ckpt), "data_root": str(root), "classes": classes, "figures": {},
                               "temperature": state.get("temperature")}
@@ -83,11 +78,10 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
         result["figures"]["grid"] = "grid.png"
     if "filters" in what:
         from inat.explain.filters import draw_feature_maps, draw_filters
-        from inat.explain.scoring import decode_many
 
         result["filters"] = draw_filters(model, out_dir / "filters.png")
         if image:
-            picture, name = decode_many([Path(image)], spec)[0], Path(image).name
+            picture, name = predictor.decode([Path(image)])[0], Path(image).name
         else:
             i = int(np.random.default_rng(seed).integers(len(scores.labels)))
             picture, name = scores.images[i], f"{Path(scores.paths[i]).name} ({classes[scores.labels[i]]})"
@@ -111,5 +105,5 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
                                               seed=seed, method=cam_method)
         result["figures"]["gradcam"] = "gradcam.png"
     result["seconds"] = round(time.time() - start, 1)
-    write_json(out_dir / "explain.json", result)
+    write_json(out_dir / EXPLAIN_FILE, result)
     return result

@@ -64,13 +64,13 @@ def draw_feature_maps(model: InatModel, spec: ModelSpec, image: np.ndarray, out:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from inat.explain.scoring import normalise
+    from inat.explain.scoring import model_device, normalise
 
     captured = []
     handle = model.first_conv().register_forward_hook(lambda _m, _i, o: captured.append(o.detach()))
     try:
         with torch.no_grad():
-            model(normalise(image[None], spec))  # the whole forward, so hooks see the real input path
+            model(normalise(image[None], spec, model_device(model)))  # the whole forward, so hooks see the real input path
     finally:
         handle.remove()
     maps = captured[0][0].float().cpu().numpy()  # (C, S, S)

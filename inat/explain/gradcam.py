@@ -113,19 +113,21 @@ def draw_gradcam_grid(model: InatModel, spec: ModelSpec, scores, out: Path, per_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from inat.explain.scoring import normalise
+    from inat.explain.scoring import model_device, normalise
 
     rows = pick_correct_and_wrong(scores.labels, scores.preds, len(scores.classes), per_class, seed)
     flat = [i for r in rows for i in r]
     maps_pred: Dict[int, np.ndarray] = {}
     maps_true: Dict[int, np.ndarray] = {}
+    device = model_device(model)  # where explain's Predictor put the model (the GPU when there is one)
     for start in range(0, len(flat), 16):
         idx = flat[start:start + 16]
-        x = normalise(scores.images[idx], spec)  # (b, 3, S, S)
+        x = normalise(scores.images[idx], spec, device)  # (b, 3, S, S)
         pred = torch.as_tensor(scores.preds[idx])
         true = torch.as_tensor(scores.labels[idx])
         cam_p, _ = class_activation_maps(model, x, pred, method)
         cam_t, _ = class_activation_maps(model, x, true, method)
+        cam_p, cam_t = cam_p.cpu(), cam_t.cpu()  # one copy per batch of maps
         for j, i in enumerate(idx):
             maps_pred[i], maps_true[i] = cam_p[j].numpy(), cam_t[j].numpy()
     n_rows = len(rows)
@@ -177,5 +179,5 @@ def cam_peaks(maps: torch.Tensor) -> np.ndarray:
     """(B, 2) (row, column) of each (B, H, W) map's maximum."""
     b, h, w = maps.shape
     flat = maps.reshape(b, -1).argmax(1)
-    return torch.stack([flat // w, flat % w], 1).numpy()
+    return torch.stack([flat // w, flat % w], 1).cpu().numpy()
 

@@ -150,11 +150,11 @@ def draw_guided_backprop(model: InatModel, spec: ModelSpec, scores, out: Path, n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from inat.explain.scoring import normalise
+    from inat.explain.scoring import model_device, normalise
 
     chosen = pick_neurons(scores.conv5_max, count, neurons)
     best = [int(scores.conv5_max[:, c].argmax()) for c in chosen]  # image index per neuron
-    x = normalise(scores.images[best], spec)  # (n, 3, S, S)
+    x = normalise(scores.images[best], spec, model_device(model))  # (n, 3, S, S), where the model is
     grads = torch.cat([neuron_guided_gradient(model, x[i:i + 1], c) for i, c in enumerate(chosen)])
     fig, axes = plt.subplots(len(chosen), 2, figsize=(4.2, 2.1 * len(chosen) + 0.45), squeeze=False)
     rows = []

@@ -1,24 +1,25 @@
 """Score a checkpoint on its test folder once; every explain figure reads these scores.
 
 The test folder is read through ``read_test_set`` (the test-folder guard plus the leak check,
-shared with test mode), decoded with the checkpoint's own
-preprocessing (``ModelSpec`` size, mean, std, interpolation) and pushed through the model in
-batches under ``torch.no_grad``. While scoring, a forward hook on ``model.last_conv()``
-keeps each CONV5 channel's maximum spatial activation per image, which is what guided
-backprop needs to pick neurons and the images that excite them most.
+shared with test mode), decoded with the checkpoint's own preprocessing (``ModelSpec`` size,
+interpolation, crop) and scored by the checkpoint's ``Predictor``: on the device it picked,
+under its precision policy, with its temperature. While scoring, a forward hook on
+``model.last_conv()`` keeps each CONV5 channel's maximum spatial activation per image, which
+is what guided backprop needs to pick neurons and the images that excite them most.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from inat.data.images import decode_image, to_float
+from inat.data.images import to_float
+from inat.inference import Preprocess
 from inat.models.base import InatModel, ModelSpec
+from inat.predictor import Predictor, decode_files
 
 
 @dataclass
@@ -51,59 +52,50 @@ class TestScores:
 
 
 def decode_many(paths: Sequence[Path], spec: ModelSpec, workers: int = 2) -> np.ndarray:
-    """Decode files to (N, S, S, 3) uint8 with the spec's size and interpolation.
-
-    PIL releases the GIL while decoding and resizing, so a small thread pool roughly
-    divides the wall time by the number of cores without pickling images across processes.
-    """
-    size = int(spec.input_size)
-    crop_pct = float(spec.crop_pct)  # pretrained specs resize larger then centre-crop
-    if not paths:
-        return np.zeros((0, size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        arrays = list(pool.map(lambda p: decode_image(p, size, spec.interpolation, crop_pct), paths))
-    return np.stack(arrays)
+    """Decode files to (N, S, S, 3) uint8 with the spec's preprocessing (``Predictor.decode`` without a model)."""
+    return decode_files(Preprocess.from_spec(spec), paths, workers)
 
 
-def normalise(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
-    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 with the spec's mean and std."""
-    return to_float(torch.from_numpy(np.array(images)), spec.mean, spec.std)  # copy: the cache is read-only
+def normalise(images: np.ndarray, spec: ModelSpec, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 with the spec's mean and std, on ``device`` (default the CPU)."""
+    x = to_float(torch.from_numpy(np.array(images)), spec.mean, spec.std)  # copy: the cache is read-only
+    return x if device is None else x.to(device)
 
 
-def score_images(model: InatModel, spec: ModelSpec, images: np.ndarray, batch_size: int = 128,
-                 tta_flip: bool = False, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are: the figures feed their inputs there."""
+    return next(model.parameters()).device
+
+
+def score_images(predictor: Predictor, images: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Batched no-grad forward passes: ``(probs (N, K), conv5_max (N, C5))``.
 
-    With ``tta_flip`` the logits are averaged with the mirrored image's, as test mode does,
-    so the accuracy here matches test.json; CONV5 maxima come from the unmirrored pass.
-    The forward passes are the inference module's, under the process's precision policy.
+    The Predictor scores as test mode does (its run's ``aug.tta_flip``, so the accuracy here
+    matches test.json) and its probabilities are calibrated when the run fitted a temperature;
+    CONV5 maxima come from the unmirrored pass.
     """
-    from inat.inference import batched_logits, process_precision
-
+    model, spec = predictor.model, predictor.spec
     captured: List[torch.Tensor] = []
     keep = [True]
 
     def keep_max(_module, _inputs, output: torch.Tensor) -> None:
         if keep[0]:
             captured.append(output.detach().amax(dim=(2, 3)).float().cpu())  # (B, C5, h, w) -> (B, C5)
-        if tta_flip:  # with TTA every second call is the mirrored pass
+        if predictor.tta_flip:  # with TTA every second call is the mirrored pass
             keep[0] = not keep[0]
 
-    device = next(model.parameters()).device
     handle = model.last_conv().register_forward_hook(keep_max)
     try:
-        logits = batched_logits(model, images, spec.mean, spec.std, process_precision(precision, device, announce=False),
-                                batch_size=batch_size, tta_flip=tta_flip, device=device, channels_last=False)
+        logits = predictor.logits(images, batch_size=batch_size)
     finally:
         handle.remove()
     if len(logits) == 0:
         return np.zeros((0, spec.num_classes), np.float32), np.zeros((0, 0), np.float32)
-    return torch.softmax(logits, dim=1).numpy(), torch.cat(captured).numpy()
+    return predictor.probabilities_of(logits).numpy(), torch.cat(captured).numpy()
 
 
-def score_test_set(model: InatModel, spec: ModelSpec, state: dict, root: str | Path, batch_size: int = 128,
-                   tta_flip: bool = False, cache_dir: str = "") -> TestScores:
-    """List, decode and score the test folder of ``root`` for checkpoint ``state``'s model.
+def score_test_folder(predictor: Predictor, root: str | Path, batch_size: int = 128, cache_dir: str = "") -> TestScores:
+    """List, decode and score the test folder of ``root`` with the checkpoint's ``predictor``.
 
     Reading goes through ``read_test_set``, the guarded path test mode uses (leak check
     included), and its decode-once cache, so explaining a checkpoint that was already tested
@@ -111,9 +103,22 @@ def score_test_set(model: InatModel, spec: ModelSpec, state: dict, root: str | P
     """
     from inat.data.testset import read_test_set
 
-    split, cache = read_test_set(state, root, int(spec.input_size), purpose="explain", interpolation=spec.interpolation,
-                                 crop_pct=float(spec.crop_pct), cache_dir=cache_dir)
+    spec = predictor.spec
+    split, cache = read_test_set(predictor.state, root, int(spec.input_size), purpose="explain",
+                                 interpolation=spec.interpolation, crop_pct=float(spec.crop_pct), cache_dir=cache_dir)
     images = np.asarray(cache.images)  # (N, S, S, 3) uint8 memory map
-    probs, conv5 = score_images(model, spec, images, batch_size, tta_flip)
-    classes = list(state["classes"])
-    return TestScores(classes, list(split.paths), np.asarray(split.labels, dtype=np.int64), images, probs, conv5)
+    probs, conv5 = score_images(predictor, images, batch_size)
+    return TestScores(list(predictor.classes), list(split.paths), np.asarray(split.labels, dtype=np.int64), images,
+                      probs, conv5)
+
+
+def score_test_set(model: InatModel, spec: ModelSpec, state: dict, root: str | Path, batch_size: int = 128,
+                   tta_flip: bool = False, cache_dir: str = "") -> TestScores:
+    """:func:`score_test_folder` for a model already rebuilt from checkpoint ``state``, where it is.
+
+    Probabilities are the raw softmax here (a caller holding only a model decides on the
+    temperature itself); ``tta_flip`` as given.
+    """
+    predictor = Predictor.from_state(state, model=model, device=model_device(model), calibrated=False)
+    predictor.tta_flip = tta_flip
+    return score_test_folder(predictor, root, batch_size, cache_dir)

@@ -7,6 +7,7 @@ from typing import Any
 
 def run(cfg: Any, out_dir: Path) -> None:
     from inat.export import export_checkpoint
+    from inat.run_folder import EXPORT
 
     e = cfg.export
     result = export_checkpoint(cfg.ckpt, out_dir, fmt=str(e.format), verify_images=int(e.verify_images),
@@ -15,4 +16,4 @@ def run(cfg: Any, out_dir: Path) -> None:
     opset = f", opset {result['opset']}" if result["opset"] is not None else ""
     print(f"exported {result['format']}{opset}: max |logit difference| to PyTorch {result['max_abs_diff']:.2e} "
           f"on {result['n_images']} images from {result['images']}")
-    print(f"wrote {result['path']} and {Path(out_dir) / 'export.json'}")
+    print(f"wrote {result['path']} and {Path(out_dir) / EXPORT}")

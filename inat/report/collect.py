@@ -134,12 +134,20 @@ def sweep_for_report(path: Path) -> Sweep:
 
 
 def detect_summary(path: Path) -> Optional[Dict[str, Any]]:
-    """The summary.json of a detect output folder (it counts detections, not accuracy), else None."""
-    try:
-        data = json.loads((Path(path) / run_folder.SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "detections_per_class" in data else None
+    """The detect.json of a detect output folder (it counts detections, not accuracy), else None.
+
+    A folder written before detect had its own file name holds the same object as a
+    ``summary.json`` with ``detections_per_class`` (the committed ``experiments/detect``); it
+    is read too, and only when that key is there, so a training run's summary never is.
+    """
+    for name in (run_folder.DETECT, run_folder.SUMMARY):
+        try:
+            data = json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "detections_per_class" in data:
+            return data
+    return None
 
 
 def collect(inputs: List[str]) -> Tuple[List[Run], List[Sweep], List[Dict[str, Any]]]:
@@ -165,7 +173,7 @@ def collect(inputs: List[str]) -> Tuple[List[Run], List[Sweep], List[Dict[str, A
         else:
             raise InatError(f"Report input '{item}' is neither a run folder (summary.json, metrics.csv, checkpoints/), "
                             f"a sweep folder (multirun.yaml, sweep.json, sweep_report.json, trials.csv, numbered "
-                            f"trials) nor a detect folder (summary.json with detections_per_class).")
+                            f"trials) nor a detect folder ({run_folder.DETECT}).")
     return runs, sweeps, detections
 
 

@@ -322,7 +322,7 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
 
 
 def part_c_section(detections: List[Dict[str, Any]]) -> str:
-    """Part C: the detection application, from the summary.json each detect run wrote."""
+    """Part C: the detection application, from the detect.json each detect run wrote."""
     out = ["<h2 id=\"part-c\">Part C. Detection application</h2>"]
     if not detections:
         out.append("<p class=\"note\">No detection folder among the inputs "
