@@ -75,12 +75,15 @@ def main() -> None:
                f"hydra.run.dir={run_dir}"]
     print("$", " ".join(command))
     subprocess.run(command, cwd=REPO, check=True)
+    sys.path.insert(0, str(REPO))
+    from inat import run_folder
+
     alerts = sorted((run_dir / "alerts").glob("*.jpg"))
     # The dog photo's alert: the classic darknet test frame, with a bicycle and cars around it.
     shutil.copy(alerts[0], HERE / "alert_frame.jpg")
-    for name in ("events.jsonl", "summary.json"):
+    for name in (run_folder.DETECT_EVENTS, run_folder.DETECT):
         shutil.copy(run_dir / name, HERE / name)
-    print(f"copied {alerts[0].name}, events.jsonl and summary.json to {HERE}")
+    print(f"copied {alerts[0].name}, {run_folder.DETECT_EVENTS} and {run_folder.DETECT} to {HERE}")
     benchmark()
 
 
