@@ -45,8 +45,19 @@ def fast_fp16(major: int, minor: int) -> bool:
     return major >= 7 or (major, minor) == (6, 0)
 
 
+# oneDNN ISA caps (DNNL_MAX_CPU_ISA) below the first with bf16 instructions: with one of these set,
+# oneDNN emulates bf16 convolutions even on a CPU that has AVX512-BF16 or AMX.
+NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX), not by emulation."""
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX), not by emulation.
+
+    The hardware is not enough: a process that caps oneDNN below bf16 (``DNNL_MAX_CPU_ISA=AVX2``,
+    as done to approximate an AVX2 machine) would run every bf16 convolution emulated.
+    """
+    if os.environ.get("DNNL_MAX_CPU_ISA", "").upper() in NO_BF16_ISAS:
+        return False
     cpu = torch.cpu  # torch >= 2.3 exposes cpuinfo's answers here
     if hasattr(cpu, "_is_avx512_bf16_supported"):
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
@@ -126,7 +137,9 @@ def choose_precision(requested: object, device: torch.device) -> Precision:
     else:
         has_bf16 = cpu_has_native_bf16()
         capability = torch.backends.cpu.get_cpu_capability()
-        where = f"CPU ({capability}{', native bf16' if has_bf16 else ', no AVX512-BF16/AMX'})"
+        cap = os.environ.get("DNNL_MAX_CPU_ISA", "").upper()
+        lacks = f"oneDNN capped at {cap}" if cap in NO_BF16_ISAS else "no AVX512-BF16/AMX"
+        where = f"CPU ({capability}, {'native bf16' if has_bf16 else lacks})"
         native = {"32": True, "bf16": has_bf16, "16": False}
         if name == "auto":
             if has_bf16:

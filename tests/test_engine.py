@@ -46,6 +46,18 @@ def test_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected):
     assert not p.needs_scaler
 
 
+@pytest.mark.parametrize("isa, native", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                                         ("AVX512_CORE_AMX", True), ("", True)])
+def test_onednn_capped_below_bf16_is_not_native(monkeypatch, isa, native):
+    # On a bf16 CPU (the cpuinfo answers mocked True), a DNNL_MAX_CPU_ISA without bf16 instructions
+    # makes oneDNN emulate bf16, so auto must train in fp32 as it would on an AVX2 machine.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", isa)
+    assert inference.cpu_has_native_bf16() is native
+    assert choose_precision("auto", torch.device("cpu")).name == ("bf16" if native else "32")
+
+
 # Pascal 6.1 (GTX 10xx, P4, P40) computes fp16 at a fraction of its fp32 rate: fp32; the P100 (6.0) has fast fp16.
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "16"), ((7, 0), "16"),
                                                   ((6, 0), "16"), ((6, 1), "32"), ((5, 2), "32")])
