@@ -57,8 +57,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
-    # Under ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 on a bf16 CPU, cpuinfo still reports native bf16,
-    # so auto picks bf16 that oneDNN must then emulate; a real AVX2 CPU gets fp32 from auto: pass 32 there.
+    # Under ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 on a bf16 CPU, commits before b15d19c let auto pick
+    # bf16 (cpuinfo reports the hardware), which oneDNN then emulates; a real AVX2 CPU gets fp32: pass 32 there.
     p.add_argument("--precision", default="auto", help="train.precision for both commits")
     p.add_argument("--out", default=str(REPO / "experiments" / "bench" / "regress.json"))
     a = p.parse_args()
