@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from inat import choices
+
 NATURE_12K_URL = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
 
 
@@ -314,23 +316,23 @@ RANGES: Dict[str, str] = {
 # Keys whose value is one name out of a fixed set (list keys: every item). Group choices
 # (act=mish, +mode=test) are checked by Hydra; cli.py turns its refusal into a sentence.
 CHOICES: Dict[str, Tuple[str, ...]] = {
-    "model.dropout_where": ("dense", "conv", "both"),
-    "model.dense_act": ("relu", "gelu", "silu", "mish", "elu", "leaky_relu", "selu", "tanh", "sigmoid", "hardswish"),
-    "act.name": ("relu", "gelu", "silu", "mish", "elu", "leaky_relu", "selu", "tanh", "sigmoid", "hardswish"),
-    "filters.organisation": ("same", "doubling", "halving", "custom"),
-    "finetune.strategy": ("none", "linear_probe", "partial", "gradual", "full"),
-    "finetune.bn": ("freeze_frozen", "train_all", "freeze_all"),
-    "optim.name": ("adamw", "adam", "sgd"),
-    "optim.schedule": ("onecycle", "cosine", "constant"),
-    "train.precision": ("auto", "32", "fp32", "bf16", "bfloat16", "16", "fp16"),
-    "wandb.mode": ("online", "offline", "disabled"),
-    "explain.what": ("grid", "filters", "guided_backprop", "confusion", "gradcam"),
-    "explain.cam_method": ("gradcam", "gradcam++"),
-    "train.class_weights": ("none", "auto"),
+    "model.dropout_where": choices.DROPOUT_WHERE,
+    "model.dense_act": choices.ACTIVATIONS,
+    "act.name": choices.ACTIVATIONS,
+    "filters.organisation": choices.FILTER_ORGANISATIONS,
+    "finetune.strategy": choices.FINETUNE_STRATEGIES,
+    "finetune.bn": choices.BN_POLICIES,
+    "optim.name": choices.OPTIMIZERS,
+    "optim.schedule": choices.SCHEDULES,
+    "train.precision": choices.PRECISIONS + tuple(choices.PRECISION_ALIASES),
+    "wandb.mode": choices.WANDB_MODES,
+    "explain.what": choices.EXPLAIN_FIGURES,
+    "explain.cam_method": choices.CAM_METHODS,
+    "train.class_weights": choices.CLASS_WEIGHTS,
     "lr_find.rule": tuple(LR_FIND_RULES),
-    "explain.pick": ("random", "confident", "mistakes"),
-    "export.format": ("onnx", "torchscript"),
-    "export.onnx_exporter": ("legacy", "dynamo"),
+    "explain.pick": choices.GRID_PICKS,
+    "export.format": choices.EXPORT_FORMATS,
+    "export.onnx_exporter": choices.ONNX_EXPORTERS,
 }
 # What to do instead, for keys whose range alone would puzzle.
 HINTS: Dict[str, str] = {

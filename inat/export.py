@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import inat
+from inat import choices
 from inat.calibration import apply_temperature
 from inat.data.folder import IMAGE_EXTENSIONS
 from inat.data.images import to_float
@@ -31,8 +32,8 @@ from inat.predictor import Predictor
 from inat.run_folder import EXPORT
 from inat.runs import atomic_path, write_json
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-ONNX_EXPORTERS = ("legacy", "dynamo")
+FORMATS = dict(zip(choices.EXPORT_FORMATS, ("model.onnx", "model.torchscript.pt")))
+ONNX_EXPORTERS = choices.ONNX_EXPORTERS
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 TRACE_BATCH = 2  # the parity check runs another batch size, which proves the batch axis is dynamic
 VERIFY_SEED = 0

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from inat.choices import PRECISION_ALIASES, PRECISIONS
 from inat.errors import InatError
 
-VALID_PRECISIONS = ("auto", "32", "bf16", "16")
-_ALIASES = {"fp32": "32", "float32": "32", "bfloat16": "bf16", "fp16": "16", "float16": "16", "half": "16"}
+VALID_PRECISIONS, _ALIASES = PRECISIONS, PRECISION_ALIASES
 
 
 def pick_device() -> torch.device:

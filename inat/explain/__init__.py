@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from inat.choices import EXPLAIN_FIGURES
 from inat.errors import InatError
 
-WHAT = ("grid", "filters", "guided_backprop", "confusion", "gradcam")
+WHAT = EXPLAIN_FIGURES
 
 __all__ = ["explain_checkpoint", "WHAT"]
 

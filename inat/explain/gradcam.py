@@ -23,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inat.choices import CAM_METHODS
 from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
 
-METHODS = ("gradcam", "gradcam++")
+METHODS = CAM_METHODS
 
 
 def class_activation_maps(model: InatModel, x: torch.Tensor, target: Optional[torch.Tensor] = None,

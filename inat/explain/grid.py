@@ -11,9 +11,10 @@ from typing import Dict, List
 
 import numpy as np
 
+from inat.choices import GRID_PICKS
 from inat.errors import InatError
 
-PICKS = ("random", "confident", "mistakes")
+PICKS = GRID_PICKS
 GREEN, RED, GREY = "#1a9641", "#d7191c", "#9e9e9e"
 
 

@@ -31,11 +31,11 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from inat.choices import BN_POLICIES, FINETUNE_STRATEGIES
 from inat.errors import InatError
 from inat.models.base import InatModel
 
-STRATEGIES = ("none", "linear_probe", "partial", "gradual", "full")
-BN_POLICIES = ("freeze_frozen", "train_all", "freeze_all")
+STRATEGIES = FINETUNE_STRATEGIES
 
 
 def _group_params(model: InatModel) -> List[List[nn.Parameter]]:

@@ -14,6 +14,7 @@ from typing import Any, List, Sequence
 import torch
 import torch.nn as nn
 
+from inat.choices import ACTIVATIONS
 from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
 from inat.models.registry import register_model
@@ -21,7 +22,6 @@ from inat.models.registry import register_model
 N_BLOCKS = 5
 # Non-decreasing activations: max(f(a), f(b)) == f(max(a, b)), so they commute with max-pooling.
 MONOTONE = ("relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid")
-ACTIVATIONS = ("relu", "gelu", "silu", "mish", "elu", "leaky_relu", "selu", "tanh", "sigmoid", "hardswish")
 
 
 def make_activation(name: str, *, negative_slope: float = 0.01, alpha: float = 1.0) -> nn.Module:

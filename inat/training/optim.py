@@ -7,10 +7,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from inat.choices import OPTIMIZERS, SCHEDULES
 from inat.errors import InatError
-
-SCHEDULES = ("onecycle", "cosine", "constant")
-OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 def lr_factor(progress: float, warmup: float, schedule: str) -> float:
