@@ -5,9 +5,12 @@
 - :class:`PrefixViewSource`: partial fine-tuning's frozen-prefix outputs on V cached views.
 
 Each has ``module`` (what the optimizer step runs forward on: the model, its head or its
-unfrozen suffix), ``batches(perm, batch_size, n_batches, seed)`` yielding ``(inputs, targets)``
-on the device, and ``evaluate(model)`` returning validation ``(loss, accuracy)`` as device
-tensors, so the loop reads them once per epoch.
+unfrozen suffix), ``batches(perm, batch_size, n_batches, seed, start=0, draws=None)`` yielding
+``(inputs, targets)`` on the device, ``draws(seed)`` (the epoch's random draws, see
+:class:`Draws`) and ``evaluate(model)`` returning validation ``(loss, accuracy)`` as device
+tensors, so the loop reads them once per epoch. ``start`` skips the batches a run stopped
+mid-epoch has done, without gathering or augmenting them; with the saved ``draws`` the rest of
+the epoch is the one the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
@@ -39,6 +42,31 @@ PREFETCH_BUFFERS, PREFETCH_WORKERS = 3, 2
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     """A seeded generator on ``device``: augmentation draws happen where the batch lives."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+class Draws:
+    """The random draws of one epoch's batches, whose state a run stopped mid-epoch saves.
+
+    ``gen`` is the seeded torch generator the batches draw from (on the device where they
+    are drawn). Augmented images also draw host-side choices (TrivialAugment's op, MixUp's
+    lambda) from the augmentation's host generator of ``gen``, which ``gen``'s own state does
+    not hold, so ``state()`` keeps both and ``restore`` puts both back.
+    """
+
+    def __init__(self, device: torch.device, seed: int, augment: Optional[BatchAugment] = None) -> None:
+        self.gen, self.augment = _generator(device, seed), augment
+
+    def state(self) -> dict:
+        """Tensors and plain numbers only: it travels inside ``last.pt`` (loaded with weights_only)."""
+        out: dict = {"torch": self.gen.get_state()}
+        if self.augment is not None:
+            out["host"] = self.augment.host_rng(self.gen).bit_generator.state
+        return out
+
+    def restore(self, state: dict) -> None:
+        self.gen.set_state(state["torch"])
+        if self.augment is not None and "host" in state:
+            self.augment.host_rng(self.gen).bit_generator.state = state["host"]
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -109,15 +137,19 @@ class ImageSource:
         self.val_labels = self.labels[val_idx.to(device)]
         self.kind = "images (GPU-resident)" if self.resident is not None else "images"
 
-    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
-        gen = _generator(self.device, seed)
+    def draws(self, seed: int) -> Draws:
+        return Draws(self.device, seed, self.augment)
+
+    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int = 0, *, start: int = 0,
+                draws: Optional[Draws] = None) -> Iterator[Batch]:
+        gen = (draws if draws is not None else self.draws(seed)).gen
         if self.resident is not None:
             order = torch.from_numpy(perm).to(self.device)  # one copy per epoch, sliced per step
-            for b in range(n_batches):
+            for b in range(start, n_batches):
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 yield self._finish(self.resident[idx], self.labels[idx], gen)
             return
-        chunks = [np.sort(perm[b * batch_size:(b + 1) * batch_size]) for b in range(n_batches)]  # sorted reads
+        chunks = [np.sort(perm[b * batch_size:(b + 1) * batch_size]) for b in range(start, n_batches)]  # sorted reads
         if not self.prefetch:
             for idx in chunks:
                 yield self._finish(torch.from_numpy(np.array(self.data.images[idx])),
@@ -204,9 +236,13 @@ class FeatureSource:
         self.bytes = self.features.numel() * 4
         self.kind = "backbone features (cached)"
 
-    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
+    def draws(self, seed: int) -> Draws:
+        return Draws(torch.device("cpu"), seed)  # nothing is drawn: every epoch reads the same features
+
+    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int = 0, *, start: int = 0,
+                draws: Optional[Draws] = None) -> Iterator[Batch]:
         order = torch.from_numpy(perm).to(self.device)
-        for b in range(n_batches):
+        for b in range(start, n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
             yield self.features[idx], self.labels[idx]
 
@@ -293,11 +329,15 @@ class PrefixViewSource:
         self.val_labels = labels[val_idx].to(device)
         self.kind = f"frozen-prefix outputs of {self.k} groups (cached{', GPU-resident' if store.type == 'cuda' else ''})"
 
-    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int) -> Iterator[Batch]:
+    def draws(self, seed: int) -> Draws:
+        return Draws(self.train_x.device, seed)  # which view each image shows, drawn where the cache lives
+
+    def batches(self, perm: np.ndarray, batch_size: int, n_batches: int, seed: int = 0, *, start: int = 0,
+                draws: Optional[Draws] = None) -> Iterator[Batch]:
         store = self.train_x.device
-        pick_gen = torch.Generator(device=store).manual_seed(seed)  # drawn where the cache lives
+        pick_gen = (draws if draws is not None else self.draws(seed)).gen
         order = torch.from_numpy(perm).to(store)  # one copy per epoch, sliced per step
-        for b in range(n_batches):
+        for b in range(start, n_batches):
             pos = self.position[order[b * batch_size:(b + 1) * batch_size].sort().values]
             pick = torch.randint(self.train_x.shape[0], (len(pos),), generator=pick_gen, device=store)
             x, y = self.train_x[pick, pos], self.train_y[pick, pos]  # type: ignore[index]
