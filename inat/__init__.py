@@ -30,9 +30,10 @@ def output_dir() -> Path:
 def run(cfg) -> Optional[float]:
     """Run the mode named by ``cfg.mode.name``; bad input exits with one sentence.
 
-    Returns the value an Optuna sweep maximises (validation accuracy) for training runs.
+    Returns the value an Optuna sweep maximises (validation accuracy) for training runs. A
+    training stopped by a stop signal (``last.pt`` written) exits with ``EXIT_RESUMABLE``.
     """
-    from inat.errors import InatError
+    from inat.errors import EXIT_RESUMABLE, InatError, Preempted
 
     name = cfg.mode.name
     if name not in MODES:
@@ -51,6 +52,10 @@ def run(cfg) -> Optional[float]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _fail(str(err))
+    except Preempted as stop:
+        if str(stop):  # rank 0's sentence; the other ranks exit with the same code, silently
+            print(str(stop), file=sys.stderr, flush=True)
+        sys.exit(EXIT_RESUMABLE)
     except KeyboardInterrupt:
         _fail("Interrupted.")
 

@@ -1,7 +1,7 @@
 """DDP that cannot hang or drift: rank 0 decides, every rank follows.
 
-Every decision that ends or shapes training (the time budget, early stopping, pruning, the
-schedule's progress) is taken on rank 0 and broadcast, so ranks never break out of the loop
+Every decision that ends or shapes training (the time budget, early stopping, pruning, a stop
+signal, the schedule's progress) is taken on rank 0 and broadcast, so ranks never break out of the loop
 at different steps (which hangs the next all-reduce) or apply different learning rates. The
 DDP wrapper is rebuilt when the set of trainable parameters changes (gradual unfreezing):
 DDP registers its all-reduce hooks only for parameters that required grad when it was built.
@@ -104,15 +104,21 @@ def gather(value: T) -> List[T]:
 
 
 def broadcast_float(value: float) -> float:
-    """Rank 0's float on every rank, as one CPU tensor broadcast on the control group.
+    """Rank 0's float on every rank (see :func:`broadcast_floats`)."""
+    return broadcast_floats([value])[0]
 
-    Never on the run's device: a CUDA tensor here would sync the stream twice.
+
+def broadcast_floats(values: List[float]) -> List[float]:
+    """Rank 0's floats on every rank, as one CPU tensor broadcast on the control group.
+
+    Never on the run's device: a CUDA tensor here would sync the stream twice. One call carries
+    several decisions (the budget's clock and the stop signal) for the price of one.
     """
     if not active():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
     dist.broadcast(t, src=0, group=control_group())
-    return float(t)
+    return t.tolist()
 
 
 def trainable_signature(model: nn.Module) -> tuple:

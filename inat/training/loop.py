@@ -5,6 +5,11 @@ the device and are read once per epoch (and at the progress bar's log interval),
 epoch's time is taken after that read, when the device has finished the epoch's work. Under
 torchrun every stopping decision is rank 0's, broadcast (see ``inat.training.distributed``),
 and each rank validates its share of the validation split.
+
+A stop signal (SIGTERM, SIGUSR1, SIGUSR2; ``inat.training.preemption``) ends the epoch after
+the current step: ``last.pt`` then records the position inside the epoch (batches done, the
+partial sums, the epoch's random draws), and ``resume=auto`` goes on from the next batch, so an
+epoch-driven run ends bit-exact with the run that was never stopped.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NoReturn, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,16 +31,17 @@ from inat.calibration import TemperatureChoice, choose_temperature, temperature_
 from inat.checkpoint import load_checkpoint
 from inat.data.folder import scan_train
 from inat.data.split import write_manifest
-from inat.errors import InatError
+from inat.errors import InatError, Preempted
 from inat.inference import Precision, pick_device, process_precision
 from inat.models import InatModel, build_from_config
-from inat.run_folder import Summary
+from inat.run_folder import LAST, Summary
 from inat.runs import acquire_run_lock, world
 from inat.training import distributed, resume
 from inat.training.collectives import sum_over_ranks
 from inat.training.data import SEED_AUG, SEED_INIT, TrainData, epoch_order, load_data, resolve_root
 from inat.training.ema import ModelEMA
 from inat.training.optim import check_schedule, lr_factor, make_optimizer, set_lr
+from inat.training.preemption import StopSignals
 from inat.training.sources import FeatureSource, ImageSource, PrefixViewSource
 from inat.training.writer import RunWriter, environment, rng_state
 
@@ -62,24 +68,35 @@ class Setup:
 
 
 class Budget:
-    """Training time and schedule progress as rank 0 sees them.
+    """Training time, schedule progress and stop signals as rank 0 sees them.
 
-    In one process the clock is read every step (no device sync). Under DDP rank 0's
-    elapsed time is broadcast every ``every`` steps, so every rank applies the same learning
-    rate and stops at the same step.
+    In one process the clock and ``stop_requested()`` are read every step (no device sync).
+    Under DDP rank 0's elapsed time and whether rank 0 was signalled travel in one broadcast
+    every ``every`` steps, so every rank applies the same learning rate and stops at the same
+    step, for the time budget or a signal.
     """
 
-    def __init__(self, seconds: float, total_steps: int, device: torch.device, every: int = 8) -> None:
+    def __init__(self, seconds: float, total_steps: int, device: torch.device, every: int = 8,
+                 stop_requested: Optional[Callable[[], bool]] = None) -> None:
         self.seconds, self.total_steps, self.device = seconds, max(1, total_steps), device
         self.every = every if distributed.active() else 1
         self.spent, self.t0, self.elapsed = 0.0, 0.0, 0.0
+        self.stop_requested = stop_requested or (lambda: False)
+        self._stop_seen = False  # rank 0's stop_requested() at the last tick (DDP)
 
     def start(self, spent: float) -> None:
         self.spent, self.t0, self.elapsed = spent, time.perf_counter(), spent
 
     def tick(self, step_in_epoch: int) -> None:
         if step_in_epoch % self.every == 0:
-            self.elapsed = distributed.broadcast_float(self.spent + time.perf_counter() - self.t0)
+            elapsed, stop = distributed.broadcast_floats([self.spent + time.perf_counter() - self.t0,
+                                                          float(self.stop_requested())])
+            self.elapsed, self._stop_seen = elapsed, stop > 0
+
+    @property
+    def stop(self) -> bool:
+        """Stop after this step for a signal: now in one process, as of the last tick under DDP."""
+        return self._stop_seen if distributed.active() else self.stop_requested()
 
     def progress(self, step: int) -> float:
         p = step / self.total_steps
@@ -140,8 +157,12 @@ def class_weight_tensor(s: "Setup") -> Optional[torch.Tensor]:
     return None if w is None else w.to(s.device)
 
 
-def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -> Dict[str, float]:
-    """One pass over this rank's share of a seeded permutation; returns the epoch's train metrics."""
+def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -> Optional[Dict[str, float]]:
+    """One pass over this rank's share of a seeded permutation; returns the epoch's train metrics.
+
+    Returns None when a stop signal ended the epoch early: ``state["partial"]`` then holds
+    where it stopped, and a resumed run's call for the same epoch goes on from there.
+    """
     from tqdm import tqdm
 
     cfg, state, optimizer, device = s.cfg, s.state, s.optimizer, s.device
@@ -153,12 +174,21 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
     step_module = s.wrapper.refresh()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    seen, start, spent = 0, 0, 0.0
+    draws = s.source.draws(cfg.seed * 1000 + SEED_AUG + 7919 * epoch + 104729 * rank)
+    partial = state.pop("partial", None)  # this epoch was stopped by a signal after `start` batches
+    if partial is not None:
+        assert partial["epoch"] == epoch and len(partial["ranks"]) == world_size, (partial["epoch"], epoch)
+        mine = partial["ranks"][rank]
+        start, spent, seen = int(partial["batches"]), float(partial["seconds"]), int(mine["seen"])
+        loss_sum, correct = mine["loss_sum"].to(device), mine["correct"].to(device)
+        draws.restore(mine["draws"])
     budget.start(state["train_seconds"])
-    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=rank != 0,
-               mininterval=1.0)
-    batches = s.source.batches(perm, bs, n_batches, cfg.seed * 1000 + SEED_AUG + 7919 * epoch + 104729 * rank)
-    for b, (x, target) in enumerate(batches):
+    bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+               disable=rank != 0, mininterval=1.0)
+    batches = s.source.batches(perm, bs, n_batches, start=start, draws=draws)
+    stopped = False
+    for b, (x, target) in enumerate(batches, start):
         budget.tick(b)
         set_lr(optimizer, lr_factor(budget.progress(state["step"]), warmup, cfg.optim.schedule))
         with s.precision.autocast():
@@ -183,11 +213,22 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if budget.over:
             break
+        if budget.stop:  # a stop signal (rank 0's): this step is done, the next batch not yet drawn
+            stopped = True
+            break
     bar.close()
     # The read waits for the device: the steps still queued there belong to this epoch's time.
     train_loss, n_correct = loss_sum.item(), correct.item()
     dt = budget.epoch_seconds()
     state["train_seconds"] += dt
+    if stopped:
+        # Each rank's sums and draws, gathered for rank 0's last.pt: plain numbers and CPU tensors (it is
+        # loaded with weights_only), the sums as exact tensors. The step and the time are the same on every rank.
+        mine = {"seen": seen, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "draws": draws.state()}
+        state["partial"] = {"epoch": epoch, "batches": b + 1, "of": n_batches, "seconds": spent + dt,
+                            "ranks": distributed.gather(mine)}
+        return None
+    dt += spent  # a resumed epoch's time: before the stop and after the resume
     return {"train_loss": train_loss / max(seen, 1), "train_accuracy": n_correct / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"], "images_per_sec": seen * world_size / max(dt, 1e-9)}
 
@@ -207,7 +248,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     root = resolve_root(cfg.data)
     folder = scan_train(root)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    saved = resume.load_last(Path(run_dir), cfg_dict) if cfg.resume else None
+    saved = resume.load_last(Path(run_dir), cfg_dict, cfg.resume)
+    if saved is None and cfg.resume == "auto" and is_main:
+        print(f"resume=auto: run folder '{run_dir}' holds no run yet; training from the start.", flush=True)
     torch.manual_seed(cfg.seed * 1000 + SEED_INIT)
     model: InatModel = build_from_config(cfg, len(folder.classes))
     spec = model.spec
@@ -230,7 +273,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     optimizer = make_optimizer(model, cfg.train, cfg.optim, cfg.finetune, device)
     ema = ModelEMA(model, float(cfg.train.ema)) if float(cfg.train.ema) > 0 else None
     s = Setup(cfg, device, precision, model, data, None, optimizer, precision.grad_scaler(), None,
-              RunWriter(run_dir, cfg, cfg_dict, is_main), ema)
+              RunWriter(run_dir, cfg, cfg_dict, is_main, wandb_id=saved.get("wandb_id") if saved else None), ema)
     if saved is not None:
         resume.restore(s, Path(run_dir), saved)
     t_cache = time.perf_counter()
@@ -311,7 +354,7 @@ def _checkpoint(s: Setup) -> Dict[str, Any]:
             "model": s.model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "ema_full": ema.state_dict() if ema is not None else None, "optimizer": s.optimizer.state_dict(),
             "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, "state": s.state,
-            "rng": rng_state(s.device), "precision": s.precision.name,
+            "rng": rng_state(s.device), "precision": s.precision.name, "wandb_id": s.writer.wandb_id,
             "split_sha1": {"train": [data.sha1[i] for i in data.train_idx], "val": [data.sha1[i] for i in data.val_idx]}}
 
 
@@ -339,20 +382,25 @@ def fit(cfg: DictConfig, run_dir: Path,
     """
     rank, _ = world()
     flags = backend_flags()
+    signals = StopSignals()
     try:
-        with acquire_run_lock(Path(run_dir)) if rank == 0 else contextlib.nullcontext():
-            return _fit(cfg, Path(run_dir), epoch_callback)
+        with signals, acquire_run_lock(Path(run_dir)) if rank == 0 else contextlib.nullcontext():
+            return _fit(cfg, Path(run_dir), epoch_callback, signals)
+    except Preempted:
+        signals.hand_over()  # last.pt is written and the lock released: a previous handler (submitit's) may exit now
+        raise
     finally:
         restore_backends(flags)  # deterministic kernels or autotuning were this run's, not the process's
 
 
-def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> Dict[str, Any]:
+def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable], signals: StopSignals) -> Dict[str, Any]:
     t_start = time.perf_counter()
     s = setup(cfg, run_dir)
     rank, world_size = world()
     state, epochs, spec = s.state, int(cfg.train.epochs), s.model.spec
     steps_per_epoch = max(1, (len(s.data.train_idx) // world_size) // int(cfg.train.batch_size))
-    budget = Budget(float(cfg.train.max_minutes) * 60, epochs * steps_per_epoch, s.device)
+    budget = Budget(float(cfg.train.max_minutes) * 60, epochs * steps_per_epoch, s.device,
+                    stop_requested=lambda: signals.requested)
     criterion = loss_fn(cfg, class_weight_tensor(s))
     s.writer.say(f"{spec.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters, {len(s.data.classes)} "
                  f"classes, {len(s.data.train_idx)} train / {len(s.data.val_idx)} val images at {spec.input_size}px "
@@ -367,6 +415,9 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> 
         else:
             s.model.train()
         row = train_one_epoch(s, epoch, budget, criterion)
+        if row is None:  # a stop signal inside the epoch: state["partial"] says where
+            s.writer.checkpoint(_checkpoint(s) if rank == 0 else {})
+            _stop_for_signal(s, run_dir, signals)
         val_loss, val_acc = validate(s, s.ema.module if s.ema is not None else s.model)
         state["epoch"] = epoch + 1
         record = {"epoch": epoch + 1, "train_loss": round(row["train_loss"], 6),
@@ -383,7 +434,12 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> 
                        state["best_val_accuracy"])
         if os.environ.get("INAT_KILL_AFTER_EPOCH") == str(epoch + 1):  # fault injection for the resume test
             os.kill(os.getpid(), signal.SIGKILL)
-        reason = distributed.decide(_stop_reason(s, record, budget, epoch_callback) if rank == 0 else None)
+        reason = _stop_reason(s, record, budget, epoch_callback) if rank == 0 else None
+        if rank == 0 and reason is None and signals.requested and epoch + 1 < epochs:
+            reason = PREEMPTED  # signalled during validation or the checkpoint: last.pt is this epoch's
+        reason = distributed.decide(reason)
+        if reason == PREEMPTED:
+            _stop_for_signal(s, run_dir, signals)
         if reason:
             stop_reason = reason
             if reason.startswith("pruned"):
@@ -396,6 +452,28 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable]) -> 
         _write_digest(s, Path(run_dir), rank)
     distributed.destroy()
     return summary.to_dict()
+
+
+# The epoch-end decision that a stop signal ends the run here (never a summary's stop_reason).
+PREEMPTED = "preempted"
+
+
+def _stop_for_signal(s: Setup, run_dir: Path, signals: StopSignals) -> NoReturn:
+    """End a run stopped by a signal whose ``last.pt`` is written: wandb closed, every rank out together.
+
+    The ranks leave the process group together (its barrier), so none exits while rank 0 is
+    still writing; then each raises :class:`Preempted`, whose sentence (rank 0's) the command
+    prints before exiting with ``EXIT_RESUMABLE``.
+    """
+    rank, _ = world()
+    partial, epochs = s.state.get("partial"), int(s.cfg.train.epochs)
+    where = (f"in epoch {partial['epoch'] + 1}/{epochs} after batch {partial['batches']}/{partial['of']}" if partial
+             else f"after epoch {s.state['epoch']}/{epochs}")
+    s.writer.say(f"stopped by {signals.names()} {where}: {run_dir / LAST} written")
+    s.writer.stopped()
+    distributed.destroy()
+    raise Preempted(f"Stopped by {signals.names()} {where}; {run_dir / LAST} holds the run: rerun the same command "
+                    f"with resume=auto hydra.run.dir={run_dir} to continue it." if rank == 0 else "")
 
 
 def _fit_temperature(s: Setup, run_dir: Path) -> TemperatureChoice:

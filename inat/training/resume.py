@@ -1,4 +1,9 @@
-"""``resume=true``: what a run folder must hold to go on, and how the fresh setup takes it back.
+"""``resume=true|auto``: what a run folder must hold to go on, and how the fresh setup takes it back.
+
+``resume=true`` needs ``last.pt``. ``resume=auto`` (a preemptible job's rerun: the same command
+every time) resumes when the folder has ``last.pt``, starts fresh when it holds no run yet (only
+what a run writes before its first checkpoint, :data:`BEFORE_FIRST_CHECKPOINT`), and refuses any
+other folder: a finished run, ``best.pt`` without ``last.pt``, a file inat does not write.
 
 A resumed run rebuilds everything from the config and today's ``train/``, then loads
 ``last.pt`` into it. Each check runs before the step it protects: the checkpoint and its
@@ -9,14 +14,15 @@ not there) and hands it to the others.
 """
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from inat.checkpoint import load_checkpoint
 from inat.data.split import split_changes
 from inat.errors import InatError
-from inat.run_folder import BEST, LAST, SUMMARY
-from inat.runs import world
+from inat.run_folder import BEST, CHECKPOINTS, HYDRA_CONFIG, LAST, SPLIT, SUMMARY, read_summary
+from inat.runs import LOCK_NAME, world
 from inat.training import distributed
 from inat.training.writer import restore_rng
 
@@ -27,6 +33,12 @@ if TYPE_CHECKING:
 # Keys allowed to differ between the first run and its resumption.
 FREE_KEYS = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep", "lr_find"}
 
+# What a run folder holds before the first checkpoint, as patterns of top-level names: Hydra's
+# record (.hydra/) and job log (<job name>.log), the split, the run lock, wandb's folder, and
+# temp files of atomic writes a kill interrupted (runs.temp_path: .<name>.<pid>.<id>.tmp).
+# checkpoints/ counts as empty when it holds only such temp files.
+BEFORE_FIRST_CHECKPOINT = (str(Path(HYDRA_CONFIG).parent), "*.log", SPLIT, LOCK_NAME, "wandb", ".*.tmp")
+
 # How split_changes' counts read in the refusal.
 _CHANGE_WORDS = {"added": "added", "removed": "removed", "moved": "moved between training and validation"}
 
@@ -35,18 +47,27 @@ def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in cfg_dict.items() if k not in FREE_KEYS}
 
 
-def load_last(run_dir: Path, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """The run folder's ``last.pt``, refused when it is missing or was written with another config.
+def _word(resume: Any) -> str:
+    return "auto" if resume == "auto" else "true"
 
-    Under torchrun rank 0 reads and checks it, then broadcasts the checkpoint, or its refusal,
-    so every rank resumes from the same state or stops with the same sentence.
+
+def load_last(run_dir: Path, cfg_dict: Dict[str, Any], resume: Any = True) -> Optional[Dict[str, Any]]:
+    """The run folder's ``last.pt`` to resume from, or None to train from the start.
+
+    ``resume`` is the config's value: false (None), true (``last.pt`` must be there) or
+    ``"auto"`` (see the module's docstring). A missing ``last.pt`` under true, a folder auto
+    will not start in, or a checkpoint written with another config is refused with one
+    sentence. Under torchrun rank 0 looks at the folder and reads the checkpoint, then
+    broadcasts it, or None, or its refusal, so every rank does the same.
     """
+    if resume is False or resume is None:
+        return None
     if not distributed.active():
-        return _read_last(run_dir, cfg_dict)
+        return _read_last(run_dir, cfg_dict, resume)
     outcome: Any = None
     if world()[0] == 0:
         try:
-            outcome = _read_last(run_dir, cfg_dict)
+            outcome = _read_last(run_dir, cfg_dict, resume)
         except InatError as err:
             outcome = err
     outcome = distributed.decide(outcome)
@@ -55,22 +76,79 @@ def load_last(run_dir: Path, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     return outcome
 
 
-def _read_last(run_dir: Path, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-    last, best = run_dir / LAST, run_dir / BEST
+def _read_last(run_dir: Path, cfg_dict: Dict[str, Any], resume: Any) -> Optional[Dict[str, Any]]:
+    last, best, word = run_dir / LAST, run_dir / BEST, _word(resume)
+    if word == "auto":
+        problem = auto_problem(run_dir)
+        if problem:
+            raise InatError(problem)
+        if not last.is_file():
+            return None
     if not last.is_file() and best.is_file():
         # save_epoch_checkpoints writes best.pt first: a kill between the two writes of epoch 1 leaves only best.pt.
-        raise InatError(f"resume=true but run folder '{run_dir}' has {BEST} and no {LAST}: the run was stopped while "
-                        f"writing its first checkpoints, before any {LAST} existed, so there is nothing to resume; "
-                        f"start it again without resume=true, or use that first epoch's model as it is with "
-                        f"ckpt={best}.")
+        raise InatError(_best_only(run_dir, word))
     if not last.is_file():
         raise InatError(f"resume=true but run folder '{run_dir}' has no {LAST} (no epoch finished there); pass the "
                         f"folder of the run to resume with hydra.run.dir=RUN_DIR.")
     saved = load_checkpoint(last)
     if _comparable(saved["config"]) != _comparable(cfg_dict):
-        raise InatError(f"resume=true with a config that differs from the one in '{last}'; resume with the same "
+        raise InatError(f"resume={word} with a config that differs from the one in '{last}'; resume with the same "
                         f"overrides.")
+    partial = saved.get("state", {}).get("partial")
+    if partial is not None and len(partial["ranks"]) != world()[1]:
+        # Each rank's share of the epoch depends on the number of ranks: the rest of it cannot be told apart.
+        raise InatError(f"resume={word} but '{last}' was written inside an epoch by {len(partial['ranks'])} "
+                        f"process(es) and this run has {world()[1]}; resume it with the same number of processes "
+                        f"(torchrun --nproc_per_node), since each one's share of the stopped epoch depends on it.")
     return saved
+
+
+def _best_only(run_dir: Path, word: str) -> str:
+    return (f"resume={word} but run folder '{run_dir}' has {BEST} and no {LAST}: the run was stopped while "
+            f"writing its first checkpoints, before any {LAST} existed, so there is nothing to resume; "
+            f"start it again without resume={word} (or in another hydra.run.dir), or use that first epoch's model "
+            f"as it is with ckpt={run_dir / BEST}.")
+
+
+def _unexpected(run_dir: Path) -> List[str]:
+    """Names in ``run_dir`` a run does not write before its first checkpoint (relative, sorted)."""
+    out: List[str] = []
+    for path in sorted(run_dir.iterdir()):
+        if path.name == CHECKPOINTS and path.is_dir():
+            out += [f"{CHECKPOINTS}/{p.name}" for p in sorted(path.iterdir()) if not fnmatch.fnmatch(p.name, ".*.tmp")]
+        elif not any(fnmatch.fnmatch(path.name, pattern) for pattern in BEFORE_FIRST_CHECKPOINT):
+            out.append(path.name + ("/" if path.is_dir() else ""))
+    return out
+
+
+def auto_problem(run_dir: Path) -> Optional[str]:
+    """Why ``resume=auto`` neither resumes nor starts in ``run_dir`` (one sentence), or None.
+
+    None for a folder with ``last.pt`` and no ``summary.json`` (resume) and for one that holds
+    nothing but what a run writes before its first checkpoint (start fresh); a folder that
+    does not exist yet is the second kind.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    if (run_dir / SUMMARY).is_file():
+        summary = read_summary(run_dir)
+        reason = f", stop reason '{summary.stop_reason}'" if summary is not None else ""
+        return (f"resume=auto but run folder '{run_dir}' holds a finished run ({SUMMARY}{reason}), so there is "
+                f"nothing to resume; choose another hydra.run.dir for a new run, or test this one with +mode=test "
+                f"ckpt={run_dir / BEST}.")
+    if (run_dir / LAST).is_file():
+        return None
+    if (run_dir / BEST).is_file():
+        return _best_only(run_dir, "auto")
+    unexpected = _unexpected(run_dir)
+    if unexpected:
+        shown = ", ".join(f"'{name}'" for name in unexpected[:3]) + (f" and {len(unexpected) - 3} more"
+                                                                      if len(unexpected) > 3 else "")
+        return (f"resume=auto but run folder '{run_dir}' has no {LAST} and holds {shown}, which a run does not write "
+                f"before its first checkpoint, so it is neither a run to resume nor an unstarted one; choose another "
+                f"hydra.run.dir, or move those files away to start a run there.")
+    return None
 
 
 def check_same_split(saved: Dict[str, Any], data: "TrainData", run_dir: Path) -> None:
@@ -103,4 +181,8 @@ def restore(s: "Setup", run_dir: Path, saved: Dict[str, Any]) -> None:
     s.state.update(saved["state"])
     restore_rng(saved["rng"], s.device)
     (run_dir / SUMMARY).unlink(missing_ok=True)  # the run is unfinished again until it writes a new one
-    s.writer.say(f"Resuming from epoch {s.state['epoch']} of {run_dir / LAST}")
+    partial = s.state.get("partial")
+    inside = (f", {partial['batches']} of {partial['of']} batches into epoch {partial['epoch'] + 1}"
+              if partial is not None else "")
+    s.writer.say(f"Resuming from epoch {s.state['epoch']}{inside} of {run_dir / LAST} "
+                 f"(resume={_word(s.cfg.resume)})")

@@ -3,6 +3,11 @@
 Order matters for a run killed at any instant: ``best.pt`` is written before ``last.pt``, so
 a resumed run (which starts from ``last.pt``) never finds a best model older than the epoch
 it resumes after; ``summary.json`` is written last, so a folder without it is unfinished.
+A run stopped by a signal mid-epoch writes ``last.pt`` alone (no epoch ended, so no best).
+
+A resumed run logs to the same wandb run: the id wandb gave the first start travels in every
+checkpoint (``wandb_id``), and the resumed start passes it back with ``resume="allow"``,
+offline too, so the run's history continues at the next epoch instead of starting a second run.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from inat.checkpoint import save_epoch_checkpoints
+from inat.errors import EXIT_RESUMABLE
 from inat.run_folder import Summary, write_summary
 from inat.runs import write_metrics
 
@@ -48,10 +54,13 @@ def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
 class RunWriter:
     """Writes one run folder; every method is a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, cfg: Any, cfg_dict: Dict[str, Any], is_main: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: Any, cfg_dict: Dict[str, Any], is_main: bool,
+                 wandb_id: Optional[str] = None) -> None:
         self.run_dir, self.is_main, self.cfg_dict = Path(run_dir), is_main, cfg_dict
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.wandb = _start_wandb(cfg, self.run_dir, cfg_dict) if is_main else None
+        self.wandb = _start_wandb(cfg, self.run_dir, cfg_dict, wandb_id) if is_main else None
+        # Kept when wandb is off this time, so a later resume with wandb on continues the first run.
+        self.wandb_id: Optional[str] = self.wandb.id if self.wandb is not None else wandb_id
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -70,6 +79,17 @@ class RunWriter:
               f"val {record['val_accuracy']:.1%} (best {best:.1%})  {record['images_per_sec']:.0f} img/s  "
               f"{record['seconds']:.0f}s", flush=True)
 
+    def checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """``last.pt`` alone, for a run stopped by a signal inside an epoch (metrics.csv has no row for it yet)."""
+        if self.is_main:
+            save_epoch_checkpoints(checkpoint, self.ckpt_dir, improved=False)
+
+    def stopped(self) -> None:
+        """Close the wandb run of a run stopped by a signal; the resumed run reopens it by its id."""
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=EXIT_RESUMABLE)
+            self.wandb = None
+
     def finish(self, summary: Summary) -> None:
         """``summary.json``, the last file of a run, through the run-folder module's typed Summary."""
         if not self.is_main:
@@ -80,7 +100,13 @@ class RunWriter:
             self.wandb.finish()
 
 
-def _start_wandb(cfg: Any, run_dir: Path, cfg_dict: Dict[str, Any]) -> Optional[Any]:
+def _start_wandb(cfg: Any, run_dir: Path, cfg_dict: Dict[str, Any], run_id: Optional[str] = None) -> Optional[Any]:
+    """The run's wandb run, or None (disabled, not installed, or it could not start).
+
+    ``run_id`` is the id of the run this one resumes (None: wandb picks a new one); with
+    ``resume="allow"`` wandb continues that run online, and offline writes a run folder with
+    the same id, which ``wandb sync`` appends to it.
+    """
     mode = cfg.wandb.mode
     if mode == "disabled":
         return None
@@ -98,7 +124,8 @@ def _start_wandb(cfg: Any, run_dir: Path, cfg_dict: Dict[str, Any]) -> Optional[
     settings = wandb.Settings(silent=True) if mode == "offline" else None
     try:
         run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, dir=str(run_dir), mode=mode,
-                         config=cfg_dict, name=run_dir.name, reinit="finish_previous", settings=settings)
+                         config=cfg_dict, name=run_dir.name, reinit="finish_previous", settings=settings,
+                         id=run_id, resume="allow" if run_id else None)
     except Exception as err:  # tracking must never kill a training run
         print(f"wandb could not start ({type(err).__name__}: {err}); logging to metrics.csv only.", flush=True)
         return None
