@@ -12,8 +12,6 @@ def run(cfg: Any, out_dir: Path) -> Optional[float]:
 
     Sweep trials never read the test folder, whatever ``train.then_test`` says.
     """
-    from inat.training import fit
-
     rank, _ = world()
     will_test = bool(cfg.train.then_test) and not in_multirun()
     if will_test and rank == 0 and (Path(cfg.data.root) / "train").is_dir():
@@ -29,7 +27,10 @@ def run(cfg: Any, out_dir: Path) -> Optional[float]:
         def callback(record: dict) -> Optional[str]:
             return should_stop(cfg, Path(out_dir), record)
 
-    summary = fit(cfg, out_dir, epoch_callback=callback)
+    with trial_heartbeat(cfg, rank):  # a sweep trial tells its study it is alive (inat.sweep.heartbeat)
+        from inat.training import fit  # torch's import takes seconds: a trial killed meanwhile is found too
+
+        summary = fit(cfg, out_dir, epoch_callback=callback)
     if rank == 0:
         print(f"best val accuracy {summary['best_val_accuracy']:.1%} at epoch {summary['best_epoch']} "
               f"({summary['stop_reason']}); {summary['train_images_per_sec']:.0f} img/s; run folder {out_dir}")
@@ -42,3 +43,17 @@ def run(cfg: Any, out_dir: Path) -> Optional[float]:
                                      precision=cfg.train.precision)
             print_test(result)
     return float(summary["best_val_accuracy"])
+
+
+def trial_heartbeat(cfg: Any, rank: int) -> Any:
+    """This sweep trial's heartbeat in its Optuna study (storage, study name, trial number = job number)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from inat.sweep.heartbeat import beating
+
+    if not in_multirun() or rank != 0:
+        return beating(None, None, None, 0.0)  # no sweep, no heartbeat
+    hydra = HydraConfig.get()
+    return beating(OmegaConf.select(hydra, "sweeper.storage"), OmegaConf.select(hydra, "sweeper.study_name"),
+                   OmegaConf.select(hydra, "job.num"), float(cfg.sweep.heartbeat_seconds))

@@ -13,14 +13,27 @@ The plugin's ``sweep`` loop, rewritten around the same helpers, adds:
   study), the next trial is not trained: it gets a run folder whose summary says
   ``stop_reason: "budget: ..."`` (accuracy 0, the poor value), is told to Optuna as PRUNED,
   and the worker stops asking for trials. Running trials do not count (a crashed worker's
-  trial stays RUNNING forever), so each worker can overshoot by the trial it is on;
+  trial only ends when its heartbeat goes stale), so each worker can overshoot by the trial it is on;
 - a seeded sampler continuing a study that already has trials is reseeded from (seed, number
   of trials so far): otherwise the rerun would replay the first session's proposals (random
-  search would train trials 0, 1, 2... again), and the continuation stays reproducible.
+  search would train trials 0, 1, 2... again), and the continuation stays reproducible;
+- ``sweep.max_trials``: no trial is asked once the study holds that many (every worker, every
+  state; retry copies of failed trials do not count, and a queued retry is always trained).
+  Counting and asking happen under a lock file in the sweep folder, so workers on one machine
+  (``python -m inat.sweep.workers``) hold the budget exactly; workers on several machines
+  sharing a server storage each count on their own and can overshoot by at most one trial each;
+- heartbeats (database storages): the study's storage fails a RUNNING trial whose heartbeat
+  (recorded by the trial's own process, ``inat.sweep.heartbeat``) is older than
+  2 x ``sweep.heartbeat_seconds``, checked before each ask, and queues a copy with the same
+  parameters up to ``sweep.retries`` times; a trial whose process the launcher lost is retried
+  the same way, and a trial the storage already holds as finished is not told again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,11 +42,45 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
 from inat.run_folder import BUDGET_PREFIX, SWEEP_INFO, Summary, write_summary
-from inat.runs import write_json
+from inat.runs import atomic_open, exclusive_file, os_error_sentence, write_json
+from inat.sweep.heartbeat import fail_stale, finished_in_storage, is_retry, retry
 from inat.sweep.study import hide_password, open_study
 from inat.sweep.trials import read_trial
 
 log = logging.getLogger(__name__)
+
+ASK_LOCK = ".ask.lock"  # in the sweep folder while a worker counts the study's trials and asks one
+
+
+def budget_count(trials: Sequence[Any]) -> int:
+    """Trials that use up ``sweep.max_trials``: all but the retry copies of failed trials."""
+    return sum(1 for t in trials if not is_retry(t))
+
+
+def ask_within(study: Any, max_trials: int, lock_path: Optional[Path]) -> Optional[Any]:
+    """Fail stale trials, then ask the next trial unless ``max_trials`` (> 0) are already in the study.
+
+    A queued trial (a retry, an enqueued configuration) is always asked: it is counted already.
+    Under ``lock_path`` (an flock, see ``inat.runs.exclusive_file``) no other worker on this
+    machine counts or asks in between, so the budget holds exactly; a worker on another machine
+    does not see the lock and may ask in between, one trial at most per worker and ask.
+    """
+    import optuna
+
+    try:
+        held = exclusive_file(lock_path, wait=True) if lock_path is not None else contextlib.nullcontext()
+        with held:
+            fail_stale(study)
+            if max_trials > 0:
+                trials = study.get_trials(deepcopy=False)
+                queued = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+                if not queued and budget_count(trials) >= max_trials:
+                    return None
+            return study.ask()
+    except OSError as err:
+        from inat.errors import InatError
+
+        raise InatError(os_error_sentence(err, Path(lock_path), "lock")) from err
 
 
 def compute_minutes(study: Any) -> float:
@@ -116,6 +163,52 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def fail_and_retry(study: Any, trials: Sequence[Any]) -> None:
+    """Tell still-running ``trials`` FAIL and hand them to the retry callback; never raises."""
+    import optuna
+
+    for trial in trials:
+        try:
+            if not finished_in_storage(study, trial):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                retry(study, trial._trial_id)
+        except Exception as err:  # noqa: BLE001 - the process is ending; a stale heartbeat still catches it
+            log.warning(f"Trial {trial.number} could not be told FAIL ({type(err).__name__}: {err}).")
+
+
+def tell_trial(study: Any, trial: Any, ret: Any, sweep_dir: Path, retry_failed: bool) -> Optional[Exception]:
+    """Tell one trial from its JobReturn and folder (skipped when the storage holds it finished already).
+
+    Returns the job's exception when it failed; ``retry_failed`` hands a FAIL trial to the retry callback.
+    """
+    import optuna
+
+    if finished_in_storage(study, trial):
+        log.warning(f"Trial {trial.number} is already finished in the study (failed as stale by another "
+                    "worker?): its result is not told.")
+        return None
+    folder = sweep_dir / str(trial.number)
+    info = read_trial(folder) if folder.is_dir() else None
+    trial.set_user_attr("run_dir", str(folder))
+    try:
+        value = float(ret.return_value)  # raises the job's own exception when it failed
+    except Exception as err:  # noqa: BLE001 - any job failure is a FAIL trial
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.warning(f"Trial {trial.number} failed: {err}")
+        if retry_failed:
+            retry(study, trial._trial_id)
+        return err
+    if info is not None:
+        for row in info.curve:
+            trial.report(row.val_accuracy, step=row.epoch)
+        trial.set_user_attr("stop_reason", info.stop_reason)
+    if info is not None and info.pruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, values=[value])
+    return None
+
+
 class InatOptunaSweeper(OptunaSweeper):
     """The Optuna sweeper of ``conf/hydra/sweeper/optuna.yaml`` (same constructor as the plugin's)."""
 
@@ -153,12 +246,15 @@ class InatOptunaSweeper(OptunaSweeper):
             check_dataset(cfg.data)
         # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        heartbeat = float(OmegaConf.select(cfg, "sweep.heartbeat_seconds", default=0.0) or 0.0)
+        retries = int(OmegaConf.select(cfg, "sweep.retries", default=0) or 0)
         try:  # two sweeps starting on one new SQLite file race to create it
-            study = open_study(impl.study_name, impl.storage, sampler=impl.sampler, directions=directions)
+            study = open_study(impl.study_name, impl.storage, heartbeat_seconds=heartbeat, retries=retries,
+                               sampler=impl.sampler, directions=directions)
         except InatError as err:
             fail(str(err))
-        log.info(f"Study {study.study_name} in {impl.storage} ({type(impl.sampler).__name__}, {directions[0]}); "
-                 f"trial folders in {sweep_dir}")
+        log.info(f"Study {study.study_name} in {hide_password(impl.storage)} ({type(impl.sampler).__name__}, "
+                 f"{directions[0]}); trial folders in {sweep_dir}")
         if impl.storage and not str(impl.storage).startswith("sqlite") and hasattr(impl.sampler, "reseed_rng"):
             # Workers sharing a server study would all replay the same seeded random start-up
             # trials; a per-process seed keeps their proposals apart (one SQLite worker stays exact).
@@ -171,14 +267,30 @@ class InatOptunaSweeper(OptunaSweeper):
         budget = float(OmegaConf.select(cfg, "sweep.budget_minutes", default=0.0) or 0.0)
         write_sweep_info(sweep_dir, impl, study.study_name, list(arguments), budget)
 
-        to_go = int(impl.n_trials)
+        max_trials = int(OmegaConf.select(cfg, "sweep.max_trials", default=0) or 0)
+        lock = sweep_dir / ASK_LOCK
+        to_go = int(impl.n_trials)  # this process's own new trials; retries of failed trials come on top
         while to_go > 0:
             if budget_spent(study, budget):
-                trial = study.ask()
-                self._mark_budget(study, trial, distributions, fixed, sweep_dir, budget)
-                log.info(f"Sweep budget of {budget:g} minutes spent: trial {trial.number} not trained; stopping.")
+                trial = ask_within(study, max_trials, lock)
+                if trial is not None:
+                    self._mark_budget(study, trial, distributions, fixed, sweep_dir, budget)
+                    log.info(f"Sweep budget of {budget:g} minutes spent: trial {trial.number} not trained; stopping.")
                 break
-            batch = [study.ask() for _ in range(min(to_go, max(1, int(impl.n_jobs))))]
+            batch = []
+            for _ in range(min(to_go, max(1, int(impl.n_jobs)))):
+                trial = ask_within(study, max_trials, lock)
+                if trial is None:
+                    break
+                batch.append(trial)
+            if not batch:
+                log.info(f"The study holds sweep.max_trials={max_trials} trials: this worker stops asking.")
+                break
+            for trial in batch:
+                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                if is_retry(trial):
+                    log.info(f"Trial {trial.number} retries trial {trial.system_attrs['failed_trial']} "
+                             "with the same parameters.")
             overrides = impl._configure_trials(batch, distributions, fixed)
             numbers = [t.number for t in batch]
             if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
@@ -187,7 +299,7 @@ class InatOptunaSweeper(OptunaSweeper):
                 groups = [([t], [o]) for t, o in zip(batch, overrides)]
             for trials, ovs in groups:
                 self._launch_and_tell(study, trials, ovs, sweep_dir)
-            to_go -= len(batch)
+            to_go -= sum(1 for t in batch if not is_retry(t))
 
         self._save_results(study, sweep_dir)
 
@@ -198,46 +310,49 @@ class InatOptunaSweeper(OptunaSweeper):
         frames and so the model, optimizer and GPU-resident cache: kept until the next launch
         returned, one CUDA OOM made the trials after it run out of memory too.
         """
+        lost = False
         try:
             returns = self.sweeper.launcher.launch(overrides, initial_job_idx=trials[0].number)
         except Exception as err:  # noqa: BLE001 - a trial's process died (submitit UncompletedJobError,
             # joblib TerminatedWorkerError): the launcher has no result for the batch, so its trials are
-            # told FAIL below instead of the sweep aborting with them left RUNNING in the study.
+            # told FAIL below (and retried) instead of the sweep aborting with them left RUNNING in the study.
             from hydra.core.utils import JobReturn, JobStatus
 
             log.warning(f"Trials {[t.number for t in trials]}: the launcher lost their jobs ({type(err).__name__}).")
             returns = [JobReturn(status=JobStatus.FAILED, _return_value=err) for _ in trials]
+            lost = True
+        except BaseException as err:  # the trial ended this very process (Ctrl-C, a stop signal's exit):
+            # tell its trials FAIL and queue their retries now, rather than when their heartbeat goes stale.
+            log.warning(f"Trials {[t.number for t in trials]} stopped with this process ({type(err).__name__}).")
+            fail_and_retry(study, trials)
+            raise
         try:
-            self._tell(study, trials, returns, sweep_dir)
+            self._tell(study, trials, returns, sweep_dir, retry_failed=lost)
         finally:
             release_failures(returns)
             del returns
             free_device_memory()
 
-    def _tell(self, study: Any, trials: Sequence[Any], returns: Sequence[Any], sweep_dir: Path) -> None:
-        """Report each trial's curve, then tell COMPLETE / PRUNED / FAIL like the plugin does."""
-        import optuna
+    def _tell(self, study: Any, trials: Sequence[Any], returns: Sequence[Any], sweep_dir: Path,
+              retry_failed: bool = False) -> None:
+        """Report each trial's curve, then tell COMPLETE / PRUNED / FAIL like the plugin does.
 
+        A trial the storage already holds as finished is logged and skipped: another worker failed
+        it as stale (no heartbeat while its job waited to be requeued, or this process was paused)
+        and its retry is someone else's. ``retry_failed``: hand FAIL trials to the retry callback
+        (the launcher lost their processes, which is what a stale heartbeat would have said).
+        """
         failures = []
         for trial, ret in zip(trials, returns):
-            folder = sweep_dir / str(trial.number)
-            info = read_trial(folder) if folder.is_dir() else None
-            trial.set_user_attr("run_dir", str(folder))
             try:
-                value = float(ret.return_value)  # raises the job's own exception when it failed
-            except Exception as err:  # noqa: BLE001 - any job failure is a FAIL trial
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                log.warning(f"Trial {trial.number} failed: {err}")
-                failures.append(err)
+                failure = tell_trial(study, trial, ret, sweep_dir, retry_failed)
+            except RuntimeError:  # Optuna's "already finished": another worker failed it just now
+                if not finished_in_storage(study, trial):
+                    raise
+                log.warning(f"Trial {trial.number} was finished by another worker while it was told; skipped.")
                 continue
-            if info is not None:
-                for row in info.curve:
-                    trial.report(row.val_accuracy, step=row.epoch)
-                trial.set_user_attr("stop_reason", info.stop_reason)
-            if info is not None and info.pruned:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                study.tell(trial, values=[value])
+            if failure is not None:
+                failures.append(failure)
         if failures and len(failures) / len(returns) > self.sweeper.max_failure_rate:
             for ret in returns:
                 ret.return_value  # re-raise the first failure with its traceback, as the plugin does
@@ -269,6 +384,7 @@ class InatOptunaSweeper(OptunaSweeper):
             return
         best = study.best_trial
         log.info(f"Best value {best.value} (trial {best.number}): {best.params}")
-        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
-                                         "best_trial": best.number}),
-                       sweep_dir / "optimization_results.yaml")
+        results = OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
+                                    "best_trial": best.number})
+        with atomic_open(sweep_dir / "optimization_results.yaml") as fh:  # every worker writes it as it ends
+            fh.write(OmegaConf.to_yaml(results))
