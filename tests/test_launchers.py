@@ -168,10 +168,12 @@ def test_slurm_preset_runs_a_batch_as_one_array_job(base):
     assert re.search(r"^srun --unbuffered .* -m submitit\.core\._submit ", script, re.M)
 
 
-def test_a_trial_whose_job_died_is_told_failed(base):
+def test_a_trial_whose_job_died_is_told_failed_and_queued_again(base):
     sweep_dir = base.root / "killed"
     env = {**base.env, "INAT_KILL_AFTER_EPOCH": "1"}  # the trial SIGKILLs itself after its first epoch
     # joblib fails at once; submitit_local fails the same way after its 15 s wait for a result file
     run_sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=1",  # n_jobs=1 runs in-process
                f"hydra.sweep.dir={sweep_dir}", *base.common], env, check=False)
-    assert [t.state.name for t in load_study(sweep_dir).trials] == ["FAIL"]
+    trials = load_study(sweep_dir).trials
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]  # lost, and its copy queued for the next ask
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0
