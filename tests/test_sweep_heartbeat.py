@@ -53,7 +53,7 @@ def heartbeats(folder: Path) -> dict:
 def age_heartbeats(folder: Path, seconds: int = 60) -> None:
     """Make every recorded heartbeat ``seconds`` old, as if its process had died that long ago."""
     with contextlib.closing(sqlite3.connect(folder / "optuna.db", timeout=30)) as con:
-        con.execute(f"UPDATE trial_heartbeats SET heartbeat = datetime('now', '-{seconds} seconds')")
+        con.execute(f"UPDATE trial_heartbeats SET heartbeat = datetime('now', '{-seconds:+d} seconds')")
         con.commit()
 
 
@@ -141,7 +141,27 @@ def test_no_retry_with_zero_retries_and_none_without_heartbeat(tmp_path):
     assert running.number == 1
 
 
-def test_a_trial_another_worker_failed_first_does_not_stop_the_others_retry(tmp_path):
+def test_a_heartbeat_newer_than_the_readers_clock_is_fresh(tmp_path):
+    """PostgreSQL's now() is the reading transaction's start, so another worker's heartbeat can be newer.
+
+    Optuna's own check takes ``(now - heartbeat).seconds`` (~86,399 for -1 s) and fails that healthy trial.
+    """
+    from inat.sweep.heartbeat import fail_stale, stale_trial_ids
+
+    url, study = new_study(tmp_path)
+    trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    age_heartbeats(tmp_path, -5)  # 5 s in the reader's future
+    backend = study._storage._backend
+    assert backend._get_stale_trial_ids(study._study_id) == [trial._trial_id]  # Optuna's check: wrongly stale
+    assert stale_trial_ids(backend, study._study_id) == []
+    assert fail_stale(study) == []
+    assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["RUNNING"]
+    age_heartbeats(tmp_path, 60)
+    assert fail_stale(study) == [0]  # and an old one is still stale
+
+
+def test_a_trial_another_worker_failed_first_does_not_stop_the_others_retry(tmp_path, monkeypatch):
     """Optuna's fail_stale_trials would raise on trial 0 and never queue trial 1's retry."""
     import optuna
 
@@ -153,10 +173,11 @@ def test_a_trial_another_worker_failed_first_does_not_stop_the_others_retry(tmp_
         study._storage.record_heartbeat(t._trial_id)
     age_heartbeats(tmp_path)
     other = optuna.load_study(study_name="s", storage=url)  # another worker fails trial 0 after our look-up
-    backend = study._storage._backend
-    stale = backend._get_stale_trial_ids(study._study_id)
+    from inat.sweep import heartbeat
+
+    stale = heartbeat.stale_trial_ids(study._storage._backend, study._study_id)
     other.tell(0, state=optuna.trial.TrialState.FAIL)
-    backend._get_stale_trial_ids = lambda study_id: stale
+    monkeypatch.setattr(heartbeat, "stale_trial_ids", lambda backend, study_id: stale)
     assert fail_stale(study) == [1]
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states == ["FAIL", "FAIL", "WAITING"]

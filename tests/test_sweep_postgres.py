@@ -52,7 +52,7 @@ def test_three_workers_share_one_study(pg_url, tmp_path):
     try:
         trials = study.get_trials(deepcopy=False)
         expected = WORKERS * TRIALS_EACH
-        assert len(trials) == expected
+        assert len(trials) == expected, [(t.number, t.state.name, t.params, t.system_attrs, t.user_attrs) for t in trials]
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]
         numbers = sorted(t.number for t in trials)
         assert numbers == list(range(expected))  # none duplicated, none lost

@@ -60,6 +60,34 @@ def retry(study: Any, trial_id: int) -> None:
             callback(study, copy.deepcopy(_backend(study).get_trial(trial_id)))
 
 
+def stale_trial_ids(backend: Any, study_id: int) -> List[int]:
+    """RUNNING trials of the study whose last heartbeat is older than the grace period.
+
+    Optuna 2.10's ``RDBStorage._get_stale_trial_ids`` does the same with
+    ``(now - heartbeat).seconds``, and on PostgreSQL ``now()`` is the start of the reading
+    transaction: a heartbeat another worker committed after that start is in the "future", the
+    difference is negative, its ``.seconds`` is about 86,399, and a healthy trial is failed
+    (seen as a seventh trial in the three-worker PostgreSQL test). Here the age is
+    ``total_seconds()``, and a heartbeat newer than the clock counts as fresh.
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy import func, orm
+
+    grace = backend.grace_period or 2 * backend.heartbeat_interval
+    stale = []
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        now = session.execute(func.now()).scalar().replace(tzinfo=None)  # PostgreSQL: aware; the column: naive
+        running = (session.query(models.TrialModel).options(orm.selectinload(models.TrialModel.heartbeats))
+                   .filter(models.TrialModel.state == TrialState.RUNNING)
+                   .filter(models.TrialModel.study_id == study_id).all())
+        for trial in running:
+            if trial.heartbeats and (now - trial.heartbeats[0].heartbeat).total_seconds() > grace:
+                stale.append(trial.trial_id)
+    return stale
+
+
 def fail_stale(study: Any) -> List[int]:
     """Fail the study's RUNNING trials whose heartbeat stopped, queue their retries; return their numbers.
 
@@ -67,7 +95,7 @@ def fail_stale(study: Any) -> List[int]:
     failed a moment earlier (its ``set_trial_state`` raises RuntimeError), and then runs no
     callback at all, so the trials it did fail are never retried. Workers on one machine call
     this under the sweep folder's ask lock; on several machines the race is real, hence the loop.
-    Uses Optuna 2.10's ``_get_stale_trial_ids`` (inat pins Optuna 2).
+    Stale trials come from :func:`stale_trial_ids`, not Optuna's ``_get_stale_trial_ids``.
     """
     import optuna
 
@@ -76,7 +104,7 @@ def fail_stale(study: Any) -> List[int]:
         return []
     backend = _backend(study)
     failed = []
-    for trial_id in backend._get_stale_trial_ids(study._study_id):
+    for trial_id in stale_trial_ids(backend, study._study_id):
         try:
             if storage.set_trial_state(trial_id, optuna.trial.TrialState.FAIL):
                 failed.append(trial_id)
