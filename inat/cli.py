@@ -255,7 +255,7 @@ def prepare_argv() -> None:
     multirun = any(a in ("-m", "--multirun") for a in args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dir and not multirun:
         # Hydra's default folder is the start time, which differs between ranks started in different
-        # seconds or on different nodes; training.loop.check_same_run_dir catches the rest.
+        # seconds or on different nodes; training.build.check_same_run_dir catches the rest.
         fail("Under torchrun every rank must write to one run folder: set hydra.run.dir=RUN_DIR "
              "(the default is named by the start time, which differs between ranks).")
     if run_dir and not multirun:

@@ -112,7 +112,8 @@ def _setup(tmp_path, *overrides, n_train=16):
 
 
 def test_fp16_trains_through_the_grad_scaler(tmp_path, monkeypatch):
-    from inat.training.loop import Budget, loss_fn, train_one_epoch
+    from inat.training.build import loss_fn
+    from inat.training.loop import Budget, train_one_epoch
 
     s = _setup(tmp_path, "train.precision=16", "train.epochs=1")
     assert s.precision.name == "16" and s.scaler.is_enabled()
@@ -200,7 +201,8 @@ SYNC_RECIPES = {"defaults": [], "aug_strong": ["aug=strong"], "trivial_augment":
 
 @pytest.mark.parametrize("recipe", list(SYNC_RECIPES))
 def test_no_host_sync_per_step(tmp_path, monkeypatch, recipe):
-    from inat.training.loop import Budget, loss_fn, train_one_epoch
+    from inat.training.build import loss_fn
+    from inat.training.loop import Budget, train_one_epoch
 
     counts = []
     for batch_size, n_train in ((8, 8), (2, 16)):  # 2 steps vs 20 steps per epoch
@@ -230,7 +232,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, overrides: list, run_dir:
                 other_node: bool) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
-                       "INAT_RANK_DIGEST": "1", "WANDB_MODE": "disabled"})
+                       "WANDB_MODE": "disabled"})
     if rank == 1 and skew != 1.0:  # rank 1's clock runs fast: it would reach the budget first
         import inat.training.loop as loop
 
@@ -245,9 +247,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, overrides: list, run_dir:
             raise AssertionError(f"rank 1 opened {path}, which only rank 0's node has")
 
         resume.load_checkpoint = elsewhere
+    from fit_hooks import RankDigest
     from inat.training import fit
 
-    fit(compose(overrides), Path(run_dir))
+    fit(compose(overrides), Path(run_dir), callbacks=[RankDigest()])
 
 
 def _run_ddp(tmp_path, overrides, skew=1.0, timeout=240, other_node=False):

@@ -167,7 +167,8 @@ def test_sgd_is_fused_on_cuda_and_unchanged_on_the_cpu():
 # --- E6: the epoch's time includes the work still queued on the device -----------------------------------
 
 def test_epoch_time_is_read_after_the_device_finished(tmp_path, monkeypatch):
-    from inat.training.loop import Budget, loss_fn, train_one_epoch
+    from inat.training.build import loss_fn
+    from inat.training.loop import Budget, train_one_epoch
 
     s = _setup(tmp_path, "train.epochs=1")
     real_item = torch.Tensor.item
@@ -233,13 +234,13 @@ def test_forward_batches_on_cuda_copies_to_the_host_once(monkeypatch):
 
 def test_torchrun_ranks_in_different_run_folders_are_refused(monkeypatch, tmp_path):
     from inat.errors import InatError
-    from inat.training import distributed, loop
+    from inat.training import build, distributed
 
     monkeypatch.setattr(distributed, "decide", lambda value: str(tmp_path / "2026-12-02_10-00-01"))  # rank 0's
-    monkeypatch.setattr(loop, "sum_over_ranks", lambda values, device: [float(v) for v in values])  # this rank alone
+    monkeypatch.setattr(build, "sum_over_ranks", lambda values, device: [float(v) for v in values])  # this rank alone
     with pytest.raises(InatError, match="hydra.run.dir=RUN_DIR"):
-        loop.check_same_run_dir(tmp_path / "2026-12-02_10-00-00", torch.device("cpu"))
-    loop.check_same_run_dir(tmp_path / "2026-12-02_10-00-01", torch.device("cpu"))  # rank 0's folder: fine
+        build.check_same_run_dir(tmp_path / "2026-12-02_10-00-00", torch.device("cpu"))
+    build.check_same_run_dir(tmp_path / "2026-12-02_10-00-01", torch.device("cpu"))  # rank 0's folder: fine
 
 
 @pytest.mark.slow
@@ -274,10 +275,10 @@ def test_pick_device_maps_the_local_rank_onto_the_visible_gpus(monkeypatch, loca
 # --- E14: the cached probe's fallback under torchrun is said ------------------------------------------------
 
 def test_cached_probe_under_torchrun_says_it_falls_back_to_images(tmp_path, monkeypatch, capsys):
-    from inat.training import loop
+    from inat.training import build
     from inat.training.sources import ImageSource
 
-    monkeypatch.setattr(loop, "world", lambda: (0, 2))
+    monkeypatch.setattr(build, "world", lambda: (0, 2))
     s = _setup(tmp_path, "finetune=linear_probe", "train.epochs=1")
     assert isinstance(s.source, ImageSource)
     lines = [line for line in capsys.readouterr().out.splitlines() if "finetune.cached_features" in line]

@@ -169,8 +169,10 @@ def test_slurm_preset_runs_a_batch_as_one_array_job(base):
 
 
 def test_a_trial_whose_job_died_is_told_failed_and_queued_again(base):
+    from fit_hooks import hook_env
+
     sweep_dir = base.root / "killed"
-    env = {**base.env, "INAT_KILL_AFTER_EPOCH": "1"}  # the trial SIGKILLs itself after its first epoch
+    env = {**base.env, **hook_env(kill_after_epoch=1)}  # the trial SIGKILLs itself after its first epoch
     # joblib fails at once; submitit_local fails the same way after its 15 s wait for a result file
     run_sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=1",  # n_jobs=1 runs in-process
                f"hydra.sweep.dir={sweep_dir}", *base.common], env, check=False)

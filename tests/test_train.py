@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, SHARED, make_dataset, run_cli
+from fit_hooks import hook_env
 
 
 def train(data: Path, run_dir: Path, *extra: str, env: dict | None = None):
@@ -73,7 +74,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole"
     assert train(data, whole, *opts).returncode == 0
     broken = tmp_path / "broken"
-    r = train(data, broken, *opts, env={"INAT_KILL_AFTER_EPOCH": "1"})
+    r = train(data, broken, *opts, env=hook_env(kill_after_epoch=1))
     assert r.returncode == -9  # SIGKILL
     assert not (broken / "summary.json").exists()  # a killed run never looks finished
     assert len(read_metrics(broken)) == 1

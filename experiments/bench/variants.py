@@ -41,7 +41,8 @@ def measure(overrides: list, data: str, size: int, seconds: float, warmup: float
     from test_engine import compose  # the in-process composition the tests use
 
     from inat.training import setup
-    from inat.training.loop import Budget, loss_fn, train_one_epoch
+    from inat.training.build import loss_fn
+    from inat.training.loop import Budget, train_one_epoch
 
     cfg = compose([f"data.root={data}", f"data.image_size={size}", "wandb.mode=disabled", "train.epochs=40",
                    *overrides])

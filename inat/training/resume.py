@@ -28,7 +28,7 @@ from inat.training.writer import restore_rng
 
 if TYPE_CHECKING:
     from inat.training.data import TrainData
-    from inat.training.loop import Setup
+    from inat.training.build import Setup
 
 # Keys allowed to differ between the first run and its resumption.
 FREE_KEYS = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep", "lr_find"}

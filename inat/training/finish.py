@@ -1,0 +1,80 @@
+"""Finishing a training run: the checkpoint's contents, temperature scaling and the summary.
+
+``fit`` (``inat.training.loop``) asks :func:`checkpoint_state` for what every checkpoint holds,
+then, after the last epoch, :func:`fit_temperature` calibrates ``best.pt`` on the validation
+split and :func:`run_summary` builds the ``summary.json`` the writer puts down last.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from inat.calibration import TemperatureChoice, choose_temperature, temperature_record
+from inat.checkpoint import load_checkpoint
+from inat.run_folder import Summary
+from inat.runs import world
+from inat.training.build import Setup
+from inat.training.writer import environment, rng_state
+
+
+def checkpoint_state(s: Setup) -> Dict[str, Any]:
+    """What ``best.pt`` and ``last.pt`` hold: weights, EMA, optimizer, loop state, RNG, config and split hashes."""
+    data, ema = s.data, s.ema
+    return {"config": s.writer.cfg_dict, "classes": data.classes, "spec": s.model.spec.to_dict(),
+            "model": s.model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+            "ema_full": ema.state_dict() if ema is not None else None, "optimizer": s.optimizer.state_dict(),
+            "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, "state": s.state,
+            "rng": rng_state(s.device), "precision": s.precision.name, "wandb_id": s.writer.wandb_id,
+            "split_sha1": {"train": [data.sha1[i] for i in data.train_idx], "val": [data.sha1[i] for i in data.val_idx]}}
+
+
+def fit_temperature(s: Setup, run_dir: Path) -> TemperatureChoice:
+    """Temperature scaling of the best checkpoint on the validation split (never the test folder).
+
+    The full model runs on the validation images whatever the training input was (cached
+    features or prefix views give no logits of the saved model); T is stored in best.pt and
+    last.pt, so predict, export, explain and detect report calibrated probabilities.
+    """
+    from inat.checkpoint import save_checkpoint
+    from inat.inference import batched_logits
+    from inat.models import model_from_state
+
+    ckpt_dir = run_dir / "checkpoints"
+    best = load_checkpoint(ckpt_dir / "best.pt")
+    model = model_from_state(best).to(s.device)
+    spec = model.spec
+    logits = batched_logits(model, np.asarray(s.data.images[s.data.val_idx]), spec.mean, spec.std, s.precision,
+                            batch_size=int(s.cfg.train.eval_batch_size), tta_flip=bool(s.cfg.aug.tta_flip),
+                            device=s.device, channels_last=False)
+    choice = choose_temperature(logits, s.data.labels[s.data.val_idx])  # may keep the raw softmax (T None)
+    for name in ("best.pt", "last.pt"):
+        state = best if name == "best.pt" else load_checkpoint(ckpt_dir / name)
+        state.update(temperature_record(choice))
+        save_checkpoint({k: v for k, v in state.items() if k != "format"}, ckpt_dir / name)
+    s.writer.say(choice.note)
+    return choice
+
+
+def run_summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[TemperatureChoice]) -> Summary:
+    """The run's ``summary.json``: best and last accuracy, throughput, sizes, precision, environment, config."""
+    from inat.data.balance import imbalance
+
+    state, hist, model, data = s.state, s.state["history"], s.model, s.data
+    _, world_size = world()
+    rates = [h["images_per_sec"] for h in hist]
+    return Summary(
+        best_val_accuracy=state["best_val_accuracy"], val_accuracy=hist[-1]["val_accuracy"] if hist else None,
+        best_epoch=state["best_epoch"], epochs=state["epoch"], steps=state["step"], stop_reason=stop_reason,
+        train_images_per_sec=round(sum(rates) / max(1, len(rates)), 1),
+        # Epoch 1 carries cuDNN autotuning, compilation and cold caches; the later epochs are the steady rate.
+        first_epoch_images_per_sec=rates[0] if rates else None,
+        steady_images_per_sec=round(sum(rates[1:]) / len(rates[1:]), 1) if len(rates) > 1 else None,
+        train_seconds=round(state["train_seconds"], 2), wall_seconds=round(wall, 2),
+        cache_seconds=round(s.cache_seconds, 2), params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), model=model.spec.name,
+        classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
+        world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
+        environment=environment(s.device), config=s.writer.cfg_dict,
+        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature)})
