@@ -27,7 +27,7 @@ from inat.inference import Preprocess
 from inat.models import ModelSpec
 from inat.predictor import Predictor
 from inat.run_folder import PREDICTIONS
-from inat.runs import atomic_open
+from inat.runs import atomic_open, usable_cpus
 
 PREDICTIONS_FILE = PREDICTIONS  # the name predict writes, kept for callers of the older spelling
 
@@ -137,7 +137,7 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     # The process's policy (fp32 unless the hardware has native bf16/fp16): emulated bf16 on
     # a CPU is slower than fp32, and native half precision never flips a clear top class.
     predictor = Predictor.from_checkpoint(ckpt, precision=precision, calibrated=calibrated)
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(8, usable_cpus())
 
     final = Path(out_dir) / PREDICTIONS
     result = PredictResult(temperature=predictor.applied_temperature)

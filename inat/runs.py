@@ -16,6 +16,18 @@ from inat.errors import InatError
 LOCK_NAME = ".inat.lock"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, not the machine's count.
+
+    Under SLURM (``--cpus-per-task``), ``taskset`` or a container's cpuset, ``os.cpu_count()``
+    is every CPU of the node (128 on a big one) while the process may use 8: that many decode
+    processes or threads would only contend for the 8.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def temp_path(path: Path) -> Path:
     """A temp name beside ``path`` that no other process or thread will pick.
 

@@ -48,3 +48,4 @@ def test_every_accepted_optimizer_builds(name):
     opt = make_optimizer(nn.Linear(4, 2), OmegaConf.structured(TrainConfig), optim, OmegaConf.structured(FinetuneConfig),
                          torch.device("cpu"))
     assert isinstance(opt, torch.optim.Optimizer)
+

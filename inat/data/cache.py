@@ -112,11 +112,11 @@ def _build(paths: Sequence[Path], size: int, interpolation: str, crop_pct: float
     """
     from tqdm import tqdm
 
-    from inat.runs import atomic_open
+    from inat.runs import atomic_open, usable_cpus
 
     hashes: List[str] = [""] * len(paths)
     jobs = [(str(p), size, interpolation, crop_pct) for p in paths]
-    n_workers = workers or os.cpu_count() or 1
+    n_workers = workers or usable_cpus()
     bar = tqdm(total=len(jobs), desc=f"decode {label} @{size}px (once)", unit="img", disable=not progress,
                mininterval=1.0)
     try:

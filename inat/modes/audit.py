@@ -5,16 +5,15 @@ fail on them, so its exit code is 0 unless the root itself is missing.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 
 def run(cfg: Any, out_dir: Path) -> None:
     from inat.data.audit import audit_dataset, format_summary
-    from inat.runs import write_json
+    from inat.runs import usable_cpus, write_json
 
-    report = audit_dataset(Path(cfg.data.root), workers=cfg.data.workers or os.cpu_count() or 1)
+    report = audit_dataset(Path(cfg.data.root), workers=cfg.data.workers or usable_cpus())
     path = Path(out_dir) / "audit.json"
     write_json(path, report)
     print(format_summary(report))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from inat.errors import InatError
+from inat.runs import usable_cpus
 from inat.sweep.study import SQLITE_TIMEOUT_S, hide_password
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
@@ -224,7 +225,7 @@ def plan_workers(n: int, overrides: Sequence[str], python: str = sys.executable,
         check_dataset(cfg.data)  # once here (a first download shows on the console), not in N logs
     so_far = prepare_storage(url, study_name)
     gpus = visible_gpus() if gpus is None else list(gpus)
-    threads = None if "train.threads" in given else max(1, (os.cpu_count() or 1) // n)
+    threads = None if "train.threads" in given else max(1, usable_cpus() // n)
     kept = [a for a in overrides if _key(a) not in SETS]
     command = [python, str(RUN_PY), "-m", "hydra/sweeper=optuna", *kept, f"hydra.sweep.dir={sweep_dir}",
                "hydra.sweeper.n_jobs=1", f"sweep.max_trials={so_far + new_trials}"]
