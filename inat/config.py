@@ -31,7 +31,7 @@ class DataConfig:
     split_seed: int = 0
     # Where decoded uint8 tensors are kept (decode once per dataset and size).
     cache_dir: str = ""  # "" = $INAT_CACHE, else ~/.cache/inat
-    # Decode workers for the cache build; 0 = number of CPUs.
+    # Decode workers for the cache build; 0 = the CPUs this process may use (its affinity mask).
     workers: int = 0
     # Normalisation and interpolation are not data options: each model's ModelSpec brings
     # its own (ImageNet statistics for the scratch CNN, the weights' own for backbones).
@@ -201,7 +201,7 @@ class PredictConfig:
     top_k: int = 3
     tta: bool = False  # average with the horizontally mirrored image
     batch_size: int = 64
-    workers: int = 0  # decode threads; 0 = min(8, number of CPUs)
+    workers: int = 0  # decode threads; 0 = min(8, CPUs this process may use)
     calibrated: bool = True  # divide logits by the checkpoint's fitted temperature; false = raw softmax
 
 
