@@ -41,8 +41,8 @@ def save_epoch_checkpoints(state: Dict[str, Any], ckpt_dir: Path, improved: bool
     """
     ckpt_dir = Path(ckpt_dir)
     if improved:
-        save_checkpoint(state, ckpt_dir / "best.pt")
-    save_checkpoint(state, ckpt_dir / "last.pt")
+        save_checkpoint(state, ckpt_dir / Path(BEST).name)
+    save_checkpoint(state, ckpt_dir / Path(LAST).name)
 
 
 def _safe_globals() -> list:

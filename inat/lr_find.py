@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from inat.config import LR_FIND_MIN_STEPS as MIN_STEPS
 from inat.config import LR_FIND_RULES as RULES
 from inat.errors import InatError
+from inat.run_folder import LR_FIND
 
 
 def ramp(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
@@ -158,7 +159,7 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
     }
     from inat.runs import write_json
 
-    write_json(out_dir / "lr_find.json", result)
+    write_json(out_dir / LR_FIND, result)
     plot_lr_find(result, out_dir / "lr_find.png")
     return result
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from inat.run_folder import HYDRA_CONFIG, HYDRA_HYDRA, HYDRA_OVERRIDES, SPLIT
+
 # What a command writes before it may be refused: Hydra's record and the split manifest.
-RECORD_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "split.json")
+RECORD_FILES = (HYDRA_CONFIG, HYDRA_HYDRA, HYDRA_OVERRIDES, SPLIT)
 # A command that replaced one of these trained in the folder (atomic writes: a new inode).
 CHECKPOINTS = ("checkpoints/best.pt", "checkpoints/last.pt")
 

@@ -40,6 +40,11 @@ EXPLAIN = f"{EXPLAIN_DIR}/{EXPLAIN_FILE}"
 # --- the output folders of the other commands ----------------------------------------------
 # detect's summary has its own name: a summary.json there made is_run take a detect folder for a training run.
 DETECT = "detect.json"
+GRADCAM = "gradcam.png"  # explain's Grad-CAM grid, beside explain.json; the report shows it
+LR_FIND = "lr_find.json"
+AUDIT = "audit.json"
+DOWNLOAD = "download.json"
+HYDRA_HYDRA = ".hydra/hydra.yaml"
 DETECT_EVENTS = "events.jsonl"
 PREDICTIONS = "predictions.jsonl"
 EXPORT = "export.json"

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from inat.choices import EXPLAIN_FIGURES
 from inat.errors import InatError
+from inat.run_folder import EXPLAIN_FILE, GRADCAM
 
 WHAT = EXPLAIN_FIGURES
 
@@ -43,7 +44,6 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     import numpy as np
 
     from inat.predictor import Predictor
-    from inat.run_folder import EXPLAIN_FILE
     from inat.runs import write_json
 
     unknown = [w for w in what if w not in WHAT]
@@ -102,9 +102,9 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     if "gradcam" in what:
         from inat.explain.gradcam import draw_gradcam_grid
 
-        result["gradcam"] = draw_gradcam_grid(model, spec, scores, out_dir / "gradcam.png", per_class=per_class,
+        result["gradcam"] = draw_gradcam_grid(model, spec, scores, out_dir / GRADCAM, per_class=per_class,
                                               seed=seed, method=cam_method)
-        result["figures"]["gradcam"] = "gradcam.png"
+        result["figures"]["gradcam"] = GRADCAM
     result["seconds"] = round(time.time() - start, 1)
     write_json(out_dir / EXPLAIN_FILE, result)
     return result

@@ -11,10 +11,11 @@ from typing import Any
 
 def run(cfg: Any, out_dir: Path) -> None:
     from inat.data.audit import audit_dataset, format_summary
+    from inat.run_folder import AUDIT
     from inat.runs import usable_cpus, write_json
 
     report = audit_dataset(Path(cfg.data.root), workers=cfg.data.workers or usable_cpus())
-    path = Path(out_dir) / "audit.json"
+    path = Path(out_dir) / AUDIT
     write_json(path, report)
     print(format_summary(report))
     print(f"\nWrote {path}")

@@ -10,11 +10,12 @@ from typing import Any
 
 def run(cfg: Any, out_dir: Path) -> None:
     from inat.data.download import fetch_dataset
+    from inat.run_folder import DOWNLOAD
     from inat.runs import write_json
 
     root = Path(cfg.data.root)
     record = fetch_dataset(root, str(cfg.data.url), cfg.data.sha256)
-    path = Path(out_dir) / "download.json"
+    path = Path(out_dir) / DOWNLOAD
     write_json(path, record)
     if not record["extracted"]:
         print(f"Dataset root '{root}' already has train/ and a test folder: nothing to do.")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from inat.errors import InatError
+from inat.run_folder import EXPLAIN_FILE, GRADCAM
 
 __all__ = ["build_report"]
 
@@ -23,7 +24,7 @@ def _explain_best(run, work_dir: Path, allow: bool) -> tuple[Optional[Dict[str, 
     if run is None:
         return None, None
     if run.explain_dir is not None:
-        return json.loads((run.explain_dir / "explain.json").read_text()), run.explain_dir
+        return json.loads((run.explain_dir / EXPLAIN_FILE).read_text()), run.explain_dir
     if not allow or run.best_ckpt is None:
         return None, None
     from inat.explain import explain_checkpoint
@@ -53,15 +54,15 @@ def _gradcam_best_tuned(run, work_dir: Path, allow: bool) -> Optional[Path]:
     """Grad-CAM grid of the best fine-tuned run for Part B: the run's own, else drawn now into ``work_dir``."""
     if run is None:
         return None
-    if run.explain_dir is not None and (run.explain_dir / "gradcam.png").is_file():
-        return run.explain_dir / "gradcam.png"
+    if run.explain_dir is not None and (run.explain_dir / GRADCAM).is_file():
+        return run.explain_dir / GRADCAM
     if not allow or run.best_ckpt is None:
         return None
     from inat.explain import explain_checkpoint
 
     target = Path(work_dir) / "explain" / run.name.replace("/", "_")
     explain_checkpoint(run.best_ckpt, target, what=["gradcam"])
-    return target / "gradcam.png"
+    return target / GRADCAM
 
 
 def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str = "inat report",

@@ -41,7 +41,7 @@ import numpy as np
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
-from inat.run_folder import BUDGET_PREFIX, SWEEP_INFO, Summary, write_summary
+from inat.run_folder import BUDGET_PREFIX, HYDRA_OVERRIDES, OPTIMIZATION_RESULTS, SWEEP_INFO, Summary, write_summary
 from inat.runs import atomic_open, exclusive_file, os_error_sentence, write_json
 from inat.sweep.heartbeat import fail_stale, finished_in_storage, is_retry, retry
 from inat.sweep.study import hide_password, open_study
@@ -365,7 +365,7 @@ class InatOptunaSweeper(OptunaSweeper):
         (overrides,) = self.sweeper._configure_trials([trial], distributions, fixed)
         folder = sweep_dir / str(trial.number)
         (folder / ".hydra").mkdir(parents=True, exist_ok=True)
-        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (folder / HYDRA_OVERRIDES).write_text("".join(f"- {o}\n" for o in overrides))
         reason = f"{BUDGET_PREFIX} sweep budget of {budget:g} minutes spent before this trial started"
         # The same Summary type fit writes: readers tell it apart by stop_reason, not by missing keys.
         write_summary(folder, Summary(best_val_accuracy=0.0, val_accuracy=0.0, stop_reason=reason))
@@ -386,5 +386,5 @@ class InatOptunaSweeper(OptunaSweeper):
         log.info(f"Best value {best.value} (trial {best.number}): {best.params}")
         results = OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
                                     "best_trial": best.number})
-        with atomic_open(sweep_dir / "optimization_results.yaml") as fh:  # every worker writes it as it ends
+        with atomic_open(sweep_dir / OPTIMIZATION_RESULTS) as fh:  # every worker writes it as it ends
             fh.write(OmegaConf.to_yaml(results))

@@ -21,6 +21,7 @@ from inat.data.split import write_manifest
 from inat.errors import InatError
 from inat.inference import Precision, pick_device, process_precision
 from inat.models import InatModel, build_from_config
+from inat.run_folder import SPLIT
 from inat.runs import world
 from inat.training import distributed, resume
 from inat.training.collectives import sum_over_ranks
@@ -127,7 +128,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     if saved is not None:  # before split.json is rewritten: a refused resume leaves the run folder as it was
         resume.check_same_split(saved, data, Path(run_dir))
     if is_main:
-        write_manifest(Path(run_dir) / "split.json", root, folder.classes, folder.paths, folder.labels, data.sha1,
+        write_manifest(Path(run_dir) / SPLIT, root, folder.classes, folder.paths, folder.labels, data.sha1,
                        data.train_idx, data.val_idx, int(cfg.data.split_seed), float(cfg.data.val_fraction))
     if world_size > 1 and cfg.train.sync_bn:
         model = distributed.convert_sync_bn(model)

@@ -13,7 +13,7 @@ import numpy as np
 
 from inat.calibration import TemperatureChoice, choose_temperature, temperature_record
 from inat.checkpoint import load_checkpoint
-from inat.run_folder import Summary
+from inat.run_folder import BEST, LAST, Summary
 from inat.runs import world
 from inat.training.build import Setup
 from inat.training.writer import environment, rng_state
@@ -41,18 +41,17 @@ def fit_temperature(s: Setup, run_dir: Path) -> TemperatureChoice:
     from inat.inference import batched_logits
     from inat.models import model_from_state
 
-    ckpt_dir = run_dir / "checkpoints"
-    best = load_checkpoint(ckpt_dir / "best.pt")
+    best = load_checkpoint(run_dir / BEST)
     model = model_from_state(best).to(s.device)
     spec = model.spec
     logits = batched_logits(model, np.asarray(s.data.images[s.data.val_idx]), spec.mean, spec.std, s.precision,
                             batch_size=int(s.cfg.train.eval_batch_size), tta_flip=bool(s.cfg.aug.tta_flip),
                             device=s.device, channels_last=False)
     choice = choose_temperature(logits, s.data.labels[s.data.val_idx])  # may keep the raw softmax (T None)
-    for name in ("best.pt", "last.pt"):
-        state = best if name == "best.pt" else load_checkpoint(ckpt_dir / name)
+    for name in (BEST, LAST):
+        state = best if name == BEST else load_checkpoint(run_dir / name)
         state.update(temperature_record(choice))
-        save_checkpoint({k: v for k, v in state.items() if k != "format"}, ckpt_dir / name)
+        save_checkpoint({k: v for k, v in state.items() if k != "format"}, run_dir / name)
     s.writer.say(choice.note)
     return choice
 

@@ -20,7 +20,7 @@ import torch
 
 from inat.checkpoint import save_epoch_checkpoints
 from inat.errors import EXIT_RESUMABLE
-from inat.run_folder import Summary, write_summary
+from inat.run_folder import CHECKPOINTS, METRICS, Summary, write_summary
 from inat.runs import write_metrics
 
 
@@ -57,7 +57,7 @@ class RunWriter:
     def __init__(self, run_dir: Path, cfg: Any, cfg_dict: Dict[str, Any], is_main: bool,
                  wandb_id: Optional[str] = None) -> None:
         self.run_dir, self.is_main, self.cfg_dict = Path(run_dir), is_main, cfg_dict
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS
         self.wandb = _start_wandb(cfg, self.run_dir, cfg_dict, wandb_id) if is_main else None
         # Kept when wandb is off this time, so a later resume with wandb on continues the first run.
         self.wandb_id: Optional[str] = self.wandb.id if self.wandb is not None else wandb_id
@@ -72,7 +72,7 @@ class RunWriter:
         if not self.is_main:
             return
         save_epoch_checkpoints(checkpoint, self.ckpt_dir, improved)  # best.pt first, then last.pt
-        write_metrics(self.run_dir / "metrics.csv", history)
+        write_metrics(self.run_dir / METRICS, history)
         if self.wandb is not None:
             self.wandb.log(record, step=record["epoch"])
         print(f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  train {record['train_accuracy']:.1%}  "
