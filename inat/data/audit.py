@@ -21,8 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from inat.data.folder import (IMAGE_EXTENSIONS, check_root, class_dirs, find_test_dir, linked_class_folders,
-                              test_access)
+from inat.data.folder import (IMAGE_EXTENSIONS, check_root, class_dirs, find_test_dir, find_val_dir,
+                              linked_class_folders, test_access)
 from inat.errors import InatError
 
 # Shorter side below this many pixels: upsampled to the training size it is mostly blur.
@@ -309,6 +309,8 @@ def audit_dataset(
     started = time.perf_counter()
     root = check_root(root)
     split_dirs: Dict[str, Path] = {"train": root / "train"}
+    if find_val_dir(root) is not None:  # train/ + val/ + test/: val/ is the given validation split
+        split_dirs["val"] = find_val_dir(root)
     with test_access("audit"):
         try:
             split_dirs["test"] = find_test_dir(root)

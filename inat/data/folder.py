@@ -170,6 +170,41 @@ def find_test_dir(root: Path) -> Path:
     raise InatError(f"Dataset root '{root}' has no test folder (expected '{root}/test' or '{root}/val').")
 
 
+def find_val_dir(root: Path) -> Path | None:
+    """The given validation folder: ``val/`` when the root also has ``test/``, else None.
+
+    With ``train/``, ``val/`` and ``test/`` the dataset brings its own validation split, and
+    nothing is carved from ``train/``. With ``train/`` and ``val/`` only (nature_12K's layout)
+    ``val/`` is the TEST set, as it always was.
+    """
+    root = Path(root)
+    return root / "val" if (root / "val").is_dir() and (root / "test").is_dir() else None
+
+
+def roles(root: Path) -> str:
+    """Which folder plays which part, for the start line."""
+    root = Path(root)
+    if find_val_dir(root) is not None:
+        return "train/ trains, val/ validates (given), test/ is the test set"
+    test = next((name for name in ("test", "val") if (root / name).is_dir()), None)
+    return f"train/ trains and validates (stratified split), {test + '/ is the test set' if test else 'no test folder'}"
+
+
+def scan_val(root: Path, train_classes: Sequence[str]) -> FolderSplit:
+    """The given ``val/`` folder, labelled with train/'s classes (one it lacks is refused)."""
+    val_dir = find_val_dir(root)
+    assert val_dir is not None, root
+    unknown = [c for c in list_class_folders(val_dir) if c not in train_classes]
+    if unknown:
+        raise InatError(f"Validation folder '{val_dir}' has class folder(s) {', '.join(unknown)} that train/ does not "
+                        f"have (train classes: {', '.join(train_classes)}).")
+    val = scan_folder(val_dir, train_classes, allow_empty_class=True)
+    if not len(val):
+        raise InatError(f"Validation folder '{val_dir}' has no images (expected {val_dir}/<class>/<image>); remove it "
+                        f"to carve the validation split from train/.")
+    return val
+
+
 def scan_train(root: Path) -> FolderSplit:
     """The ``train/`` folder of a dataset root; its class folders define the classes."""
     return scan_folder(check_root(root) / "train")

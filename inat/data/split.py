@@ -52,13 +52,17 @@ def build_split(labels: Sequence[int], val_fraction: float, seed: int,
 
 def write_manifest(path: Path, root: Path, classes: Sequence[str], paths: Sequence[Path], labels: Sequence[int],
                    hashes: Sequence[str], train_idx: np.ndarray, val_idx: np.ndarray, seed: int,
-                   val_fraction: float) -> Dict:
-    """Save which file went where (relative to ``root``), with content hashes for the leak guard."""
+                   val_fraction: float, given_val: bool = False) -> Dict:
+    """Save which file went where (relative to ``root``), with content hashes for the leak guard.
+
+    ``validation`` says whether the validation split is the dataset's own ``val/`` ("given") or
+    was carved from train/ by ``split_seed`` and ``val_fraction`` ("carved").
+    """
     def rows(idx: np.ndarray) -> List[Dict]:
         return [{"path": str(Path(paths[i]).relative_to(root)), "label": int(labels[i]), "sha1": hashes[i]} for i in idx]
 
-    manifest = {"root": str(root), "classes": list(classes), "split_seed": seed, "val_fraction": val_fraction,
-                "train": rows(train_idx), "val": rows(val_idx)}
+    manifest = {"root": str(root), "classes": list(classes), "validation": "given" if given_val else "carved",
+                "split_seed": seed, "val_fraction": val_fraction, "train": rows(train_idx), "val": rows(val_idx)}
     write_json(path, manifest)
     return manifest
 

@@ -128,8 +128,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     if saved is not None:  # before split.json is rewritten: a refused resume leaves the run folder as it was
         resume.check_same_split(saved, data, Path(run_dir))
     if is_main:
-        write_manifest(Path(run_dir) / SPLIT, root, folder.classes, folder.paths, folder.labels, data.sha1,
-                       data.train_idx, data.val_idx, int(cfg.data.split_seed), float(cfg.data.val_fraction))
+        write_manifest(Path(run_dir) / SPLIT, root, data.folder.classes, data.folder.paths, data.folder.labels,
+                       data.sha1, data.train_idx, data.val_idx, int(cfg.data.split_seed), float(cfg.data.val_fraction),
+                       given_val=data.given_val)
     if world_size > 1 and cfg.train.sync_bn:
         model = distributed.convert_sync_bn(model)
     model.to(device)

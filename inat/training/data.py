@@ -9,7 +9,7 @@ from typing import Any, List, Tuple
 import numpy as np
 
 from inat.data.cache import load_or_build
-from inat.data.folder import FolderSplit
+from inat.data.folder import FolderSplit, find_val_dir, scan_val
 from inat.data.split import build_split
 from inat.errors import InatError
 from inat.models import ModelSpec
@@ -21,7 +21,11 @@ SEED_INIT, SEED_ORDER, SEED_AUG, SEED_VIEWS = 0, 1, 2, 3
 
 @dataclass
 class TrainData:
-    """Decoded images of train/ and the split: ``images[train_idx]`` are trained on."""
+    """Decoded images of train/ (and a given val/) and the split: ``images[train_idx]`` are trained on.
+
+    With a given validation folder, ``folder`` lists train/'s files then val/'s, and the split
+    is that order (``given_val`` True); otherwise the split is carved from train/.
+    """
 
     root: Path
     folder: FolderSplit
@@ -30,6 +34,7 @@ class TrainData:
     sha1: List[str]
     train_idx: np.ndarray
     val_idx: np.ndarray
+    given_val: bool = False
 
     @property
     def classes(self) -> List[str]:
@@ -46,18 +51,30 @@ def resolve_root(data_cfg: Any) -> Path:
 def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, progress: bool = True) -> TrainData:
     """Decode train/ once at the model's input size and split it, stratified and seeded.
 
+    When the root has train/, val/ and test/, val/ is the validation split as given (decoded
+    into the same cache, after train/'s files) and nothing is carved from train/.
     Under torchrun each node's local rank 0 builds the cache while the other ranks wait at
     a barrier, then they map the finished file; every rank then checks that it read the same
     images as rank 0.
     """
+    n_train = len(folder)
+    given = find_val_dir(root) is not None
+    label = "train/"
+    if given:
+        val = scan_val(root, folder.classes)
+        folder = FolderSplit(folder.root, folder.classes, folder.paths + val.paths, folder.labels + val.labels)
+        label = "train/ + val/"
     cache = distributed.local_first(lambda: load_or_build(
         folder.paths, spec.input_size, interpolation=spec.interpolation, crop_pct=float(spec.crop_pct),
-        directory=data_cfg.cache_dir, workers=int(data_cfg.workers), label="train/", progress=progress))
+        directory=data_cfg.cache_dir, workers=int(data_cfg.workers), label=label, progress=progress))
     labels = np.asarray(folder.labels, dtype=np.int64)
     check_same_images(cache.sha1, labels)
-    train_idx, val_idx = build_split(labels, float(data_cfg.val_fraction), int(data_cfg.split_seed),
-                                     classes=folder.classes)
-    return TrainData(root, folder, cache.images, labels, cache.sha1, train_idx, val_idx)
+    if given:
+        train_idx, val_idx = np.arange(n_train), np.arange(n_train, len(folder))
+    else:
+        train_idx, val_idx = build_split(labels, float(data_cfg.val_fraction), int(data_cfg.split_seed),
+                                         classes=folder.classes)
+    return TrainData(root, folder, cache.images, labels, cache.sha1, train_idx, val_idx, given_val=given)
 
 
 def images_fingerprint(sha1: List[str], labels: np.ndarray) -> Tuple[int, str]:
