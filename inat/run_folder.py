@@ -103,6 +103,13 @@ class Summary:
     precision: Optional[str] = None
     precision_reason: Optional[str] = None
     input: Optional[str] = None  # the JSON key fit writes: which input path fed training (images, cache, ...)
+    # the training split's balance (data/balance.imbalance): images per class, max/min, over the threshold
+    class_counts: Optional[List[int]] = None
+    imbalance_ratio: Optional[float] = None
+    imbalanced: Optional[bool] = None
+    # temperature scaling fitted on the validation split (None: the raw softmax is kept, note says why)
+    temperature: Optional[float] = None
+    temperature_note: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -118,7 +125,7 @@ class Summary:
         """The JSON object, ``extra`` merged in; unset optional keys of newer writers are left out."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         for key in ("steps", "precision", "precision_reason", "input", "first_epoch_images_per_sec",
-                    "steady_images_per_sec"):
+                    "steady_images_per_sec", "class_counts", "imbalance_ratio", "imbalanced", "temperature_note"):
             if out[key] is None:
                 del out[key]
         return {**self.extra, **out}

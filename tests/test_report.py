@@ -243,6 +243,6 @@ def test_the_report_says_how_balanced_the_training_split_was(tmp_path, counts, c
     from inat.run_folder import RunRecord, Summary
 
     labels = np.repeat(np.arange(len(counts)), counts)
-    summary = Summary(stop_reason="epochs", extra=imbalance(labels, len(counts)))
+    summary = Summary(stop_reason="epochs", **imbalance(labels, len(counts)))
     html = quality_section(Run(RunRecord(tmp_path, summary, config=config)))
     assert f"{min(counts):,} to {max(counts):,} images per class" in html and expected in html

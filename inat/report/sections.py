@@ -52,15 +52,13 @@ def quality_section(run: Run) -> str:
 def balance_line(run: Run) -> str:
     """The class balance of the run's training split (summary.json's ``class_counts``) and what the
     run did about it (``train.class_weights``, ``train.balanced_sampler``); empty for older runs."""
-    extra = run.summary.extra
-    counts = extra.get("class_counts")
+    counts, ratio = run.summary.class_counts, run.summary.imbalance_ratio
     if not counts:
         return ""
-    ratio = extra.get("imbalance_ratio")
     train = run.config.get("train", {})
     used = [x for x, on in (("class-weighted loss", train.get("class_weights") == "auto"),
                             ("class-balanced sampling", train.get("balanced_sampler"))) if on]
-    if extra.get("imbalanced"):
+    if run.summary.imbalanced:
         verdict = ("imbalanced; the run used " + " and ".join(used)) if used else (
             "imbalanced, and the run used neither a class-weighted loss (<code>train.class_weights=auto</code>) "
             "nor class-balanced sampling (<code>train.balanced_sampler=true</code>), so read macro-F1 beside accuracy")

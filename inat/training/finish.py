@@ -76,4 +76,4 @@ def run_summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[T
         classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
         world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
         environment=environment(s.device), config=s.writer.cfg_dict,
-        extra={**imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature)})
+        **imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature))
