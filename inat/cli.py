@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 from inat.config import Config
 
@@ -189,26 +189,24 @@ def output_folder_error(key: str, folder: str) -> Optional[str]:
     return None
 
 
-def check_command(args: List[str]) -> Optional[str]:
-    """Compose the command as Hydra will and return the first error sentence, or None.
+def compose_command(overrides: List[str], multirun: bool) -> Tuple[Any, List[str]]:
+    """Compose ``overrides`` as Hydra will; returns the config and the sweep expressions left out.
 
-    Sweep expressions (``choice(...)``, ``interval(...)``) are left out of the composition
-    and checked by ``sweep_errors`` instead; each trial's values are validated by the run.
+    Under ``-m`` the sweep expressions (``choice(...)``, ``interval(...)``) cannot be composed:
+    they are left out and returned for ``sweep_errors``. A parse or composition error is
+    InatError with its one sentence.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from inat.config import config_errors, register_configs
+    from inat.config import register_configs
+    from inat.errors import InatError
 
-    if any(a.split("=", 1)[0] in _PASSTHROUGH_FLAGS for a in args):
-        return None
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = [a for a in args if not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # noqa: BLE001 - Hydra's parse errors
-        return composition_message(err, overrides)
+        raise InatError(composition_message(err, overrides)) from None
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()] if multirun else []
     plain = [o for o in overrides if o not in sweeps]
     register_configs()
@@ -217,15 +215,22 @@ def check_command(args: List[str]) -> Optional[str]:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="run"):
             cfg = compose("config", overrides=plain, return_hydra_config=True)
     except Exception as err:  # noqa: BLE001 - composition errors come in many types
-        return composition_message(err, overrides)
+        raise InatError(composition_message(err, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+    return cfg, sweeps
+
+
+def command_errors(cfg: Any, sweeps: List[str], multirun: bool) -> List[str]:
+    """Every range, choice, output-folder and search-space problem of a composed command, one sentence each."""
+    from inat.config import config_errors
+
     try:
         errors = config_errors(cfg)
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         folder_error = output_folder_error(key, str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
     except Exception:  # noqa: BLE001 - e.g. a ${hydra:...} value only Hydra's run can resolve: the run validates
-        return None
+        return []
     if folder_error:
         errors.append(folder_error)
     if multirun:
@@ -234,6 +239,25 @@ def check_command(args: List[str]) -> Optional[str]:
         sweeper = cfg.hydra.sweeper
         params = dict(sweeper.params) if "params" in sweeper and sweeper.params else {}
         errors += sweep_errors(sweeper.get("n_trials"), params, sweeps)
+    return errors
+
+
+def check_command(args: List[str]) -> Optional[str]:
+    """Compose the command as Hydra will and return the first error sentence, or None.
+
+    Sweep expressions (``choice(...)``, ``interval(...)``) are left out of the composition
+    and checked by ``sweep_errors`` instead; each trial's values are validated by the run.
+    """
+    from inat.errors import InatError
+
+    if any(a.split("=", 1)[0] in _PASSTHROUGH_FLAGS for a in args):
+        return None
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    try:
+        cfg, sweeps = compose_command([a for a in args if not a.startswith("-")], multirun)
+    except InatError as err:
+        return str(err)
+    errors = command_errors(cfg, sweeps, multirun)
     return errors[0] if errors else None
 
 

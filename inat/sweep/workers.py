@@ -111,34 +111,6 @@ def refuse(overrides: Sequence[str]) -> Optional[str]:
     return None
 
 
-def compose_sweep(overrides: Sequence[str]):
-    """The sweep's composed config (sweep expressions left out, as ``inat.cli.check_command`` does)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from inat.cli import CONF_DIR, composition_message, rewrite_shorthand
-    from inat.config import register_configs
-
-    args = rewrite_shorthand(list(overrides))
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except Exception as err:  # noqa: BLE001 - Hydra's parse errors
-        raise InatError(composition_message(err, args)) from None
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
-    swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="run"):
-            cfg = compose("config", overrides=plain, return_hydra_config=True)
-    except Exception as err:  # noqa: BLE001 - check_command has worded these already; a fallback
-        raise InatError(composition_message(err, args)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    return cfg, swept
-
-
 def prepare_storage(url: str, study_name: str) -> int:
     """Make the storage ready for N workers at once; return the study's trials so far (as the budget counts).
 
@@ -188,19 +160,23 @@ def plan_workers(n: int, overrides: Sequence[str], python: str = sys.executable,
     """Check the command, pick the sweep folder and storage, prepare the storage, and build N worker commands."""
     from omegaconf import OmegaConf, read_write
 
-    from inat.cli import check_command, check_overrides
+    from inat.cli import check_overrides, command_errors, compose_command, rewrite_shorthand
     from inat.sweep.sweeper import check_dataset
 
     if n < 1:
         raise InatError(f"The number of workers must be at least 1, got {n}.")
     overrides = [a for a in overrides if a not in ("-m", "--multirun")]
     message = refuse(overrides) or check_overrides(list(overrides))
-    overrides = [a for a in overrides if _key(a) != "hydra/sweeper"]
-    if message is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
-        message = check_command(["-m", "hydra/sweeper=optuna", *overrides])
     if message:
         raise InatError(message)
-    cfg, swept = compose_sweep(["hydra/sweeper=optuna", *overrides])
+    overrides = [a for a in overrides if _key(a) != "hydra/sweeper"]
+    # The sweep's composed config, sweep expressions left out (composed once, checked as run.py would)
+    cfg, sweeps = compose_command(rewrite_shorthand(["hydra/sweeper=optuna", *overrides]), multirun=True)
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        errors = command_errors(cfg, sweeps, multirun=True)
+        if errors:
+            raise InatError(errors[0])
+    swept = [_key(line) for line in sweeps]
     given = {_key(a) for a in overrides}
     sweep_dir = str(cfg.hydra.sweep.dir)  # resolved once: ${now:...} must not differ between workers
     with read_write(cfg.hydra):
