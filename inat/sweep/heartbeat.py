@@ -31,7 +31,9 @@ FIRST_BEAT_WAIT_S = 30.0  # how long a trial waits for its first heartbeat befor
 
 def heartbeat_storage(url: Optional[str]) -> bool:
     """True for the storages Optuna records heartbeats in (SQLAlchemy URLs: SQLite, PostgreSQL, MySQL)."""
-    return bool(url) and not str(url).startswith("redis")
+    from inat.sweep.study import database_url
+
+    return database_url(url)
 
 
 def is_retry(trial: Any) -> bool:
@@ -60,6 +62,11 @@ def retry(study: Any, trial_id: int) -> None:
             callback(study, copy.deepcopy(_backend(study).get_trial(trial_id)))
 
 
+def grace_seconds(backend: Any) -> float:
+    """How long a trial's heartbeat may be silent before the trial counts as dead (Optuna's default: 2 beats)."""
+    return backend.grace_period or 2 * backend.heartbeat_interval
+
+
 def stale_trial_ids(backend: Any, study_id: int) -> List[int]:
     """RUNNING trials of the study whose last heartbeat is older than the grace period.
 
@@ -75,7 +82,7 @@ def stale_trial_ids(backend: Any, study_id: int) -> List[int]:
     from optuna.trial import TrialState
     from sqlalchemy import func, orm
 
-    grace = backend.grace_period or 2 * backend.heartbeat_interval
+    grace = grace_seconds(backend)
     stale = []
     with _create_scoped_session(backend.scoped_session, True) as session:
         now = session.execute(func.now()).scalar().replace(tzinfo=None)  # PostgreSQL: aware; the column: naive
@@ -114,8 +121,7 @@ def fail_stale(study: Any) -> List[int]:
     for trial_id in failed:
         number = backend.get_trial_number_from_id(trial_id)
         numbers.append(number)
-        grace = backend.grace_period or 2 * backend.heartbeat_interval
-        log.warning(f"Trial {number}: no heartbeat for over {grace} s (its process died), marked FAIL; "
+        log.warning(f"Trial {number}: no heartbeat for over {grace_seconds(backend)} s (its process died), marked FAIL; "
                     "a copy with the same parameters is queued unless it was retried enough (sweep.retries).")
         retry(study, trial_id)
     return numbers

@@ -39,6 +39,11 @@ def engine_kwargs(url: str) -> Dict[str, Any]:
     return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if str(url).startswith("sqlite") else {}
 
 
+def database_url(url: Optional[str]) -> bool:
+    """True for a SQLAlchemy storage URL (SQLite, PostgreSQL, MySQL); False for none (in memory) or Redis."""
+    return bool(url) and not str(url).startswith("redis")
+
+
 def rdb_storage(url: Optional[str], heartbeat_seconds: Optional[float] = None, retries: int = 0) -> Any:
     """The storage for ``url``: an ``RDBStorage`` for a database URL, ``url`` itself otherwise (None, Redis).
 
@@ -46,7 +51,7 @@ def rdb_storage(url: Optional[str], heartbeat_seconds: Optional[float] = None, r
     wants whole seconds: rounded up, at least 1) and retries it ``retries`` times with the same
     parameters (``RetryFailedTrialCallback``; none with 0).
     """
-    if not url or str(url).startswith("redis"):
+    if not database_url(url):
         return url
     import optuna
 

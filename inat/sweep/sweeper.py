@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 
 from inat.run_folder import BUDGET_PREFIX, HYDRA_OVERRIDES, OPTIMIZATION_RESULTS, SWEEP_INFO, Summary, write_summary
 from inat.runs import atomic_open, exclusive_file, os_error_sentence, write_json
-from inat.sweep.heartbeat import fail_stale, finished_in_storage, is_retry, retry
+from inat.sweep.heartbeat import RETRIED, fail_stale, finished_in_storage, is_retry, retry
 from inat.sweep.study import hide_password, open_study
 from inat.sweep.trials import read_trial
 
@@ -289,7 +289,7 @@ class InatOptunaSweeper(OptunaSweeper):
             for trial in batch:
                 trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
                 if is_retry(trial):
-                    log.info(f"Trial {trial.number} retries trial {trial.system_attrs['failed_trial']} "
+                    log.info(f"Trial {trial.number} retries trial {trial.system_attrs[RETRIED]} "
                              "with the same parameters.")
             overrides = impl._configure_trials(batch, distributions, fixed)
             numbers = [t.number for t in batch]
@@ -299,7 +299,7 @@ class InatOptunaSweeper(OptunaSweeper):
                 groups = [([t], [o]) for t, o in zip(batch, overrides)]
             for trials, ovs in groups:
                 self._launch_and_tell(study, trials, ovs, sweep_dir)
-            to_go -= sum(1 for t in batch if not is_retry(t))
+            to_go -= budget_count(batch)
 
         self._save_results(study, sweep_dir)
 
