@@ -28,6 +28,9 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+TEMP_GLOB = ".*.tmp"  # what temp_path's names match (fnmatch), e.g. for leftovers of an interrupted write
+
+
 def temp_path(path: Path) -> Path:
     """A temp name beside ``path`` that no other process or thread will pick.
 

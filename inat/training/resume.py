@@ -22,7 +22,7 @@ from inat.checkpoint import load_checkpoint
 from inat.data.split import split_changes
 from inat.errors import InatError
 from inat.run_folder import BEST, CHECKPOINTS, HYDRA_CONFIG, LAST, SPLIT, SUMMARY, read_summary
-from inat.runs import LOCK_NAME, world
+from inat.runs import LOCK_NAME, TEMP_GLOB, world
 from inat.training import distributed
 from inat.training.writer import restore_rng
 
@@ -37,7 +37,7 @@ FREE_KEYS = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", 
 # record (.hydra/) and job log (<job name>.log), the split, the run lock, wandb's folder, and
 # temp files of atomic writes a kill interrupted (runs.temp_path: .<name>.<pid>.<id>.tmp).
 # checkpoints/ counts as empty when it holds only such temp files.
-BEFORE_FIRST_CHECKPOINT = (str(Path(HYDRA_CONFIG).parent), "*.log", SPLIT, LOCK_NAME, "wandb", ".*.tmp")
+BEFORE_FIRST_CHECKPOINT = (str(Path(HYDRA_CONFIG).parent), "*.log", SPLIT, LOCK_NAME, "wandb", TEMP_GLOB)
 
 # How split_changes' counts read in the refusal.
 _CHANGE_WORDS = {"added": "added", "removed": "removed", "moved": "moved between training and validation"}
@@ -115,7 +115,7 @@ def _unexpected(run_dir: Path) -> List[str]:
     out: List[str] = []
     for path in sorted(run_dir.iterdir()):
         if path.name == CHECKPOINTS and path.is_dir():
-            out += [f"{CHECKPOINTS}/{p.name}" for p in sorted(path.iterdir()) if not fnmatch.fnmatch(p.name, ".*.tmp")]
+            out += [f"{CHECKPOINTS}/{p.name}" for p in sorted(path.iterdir()) if not fnmatch.fnmatch(p.name, TEMP_GLOB)]
         elif not any(fnmatch.fnmatch(path.name, pattern) for pattern in BEFORE_FIRST_CHECKPOINT):
             out.append(path.name + ("/" if path.is_dir() else ""))
     return out
