@@ -191,12 +191,15 @@ def read_row(path: Path, name: str) -> Optional[RunRow]:
     """
     try:
         record = run_folder.read_run(path, strict=True)
-        if run_folder.dotted_get(record.config, "mode.name", "train") != "train":
-            return None
-        return row_from_record(record, name)
     except (InatError, OSError, ValueError, yaml.YAMLError) as err:
         return RunRow(name, "broken", str(err).splitlines()[0] if str(err) else type(err).__name__)
-    except (TypeError, AttributeError) as err:  # valid JSON of another shape (a list, a string where a number goes)
+    if not isinstance(record.config, dict) or not isinstance(record.test or {}, dict):
+        return RunRow(name, "broken", "its config or test.json is not an object")
+    if run_folder.dotted_get(record.config, "mode.name", "train") != "train":
+        return None
+    try:
+        return row_from_record(record, name)
+    except (TypeError, ValueError, AttributeError) as err:  # valid JSON, but text where a number goes
         return RunRow(name, "broken", f"summary.json or test.json is not what a run writes ({err})")
 
 
@@ -285,7 +288,7 @@ def seed_groups(rows: Sequence[RunRow], repeat_keys: Sequence[str] = ("seed",)) 
     keys = [k for k in differing_keys(rows) if k not in repeat_keys]
     by_config: Dict[Tuple[str, ...], List[RunRow]] = {}
     for row in rows:
-        if row.status != "broken":
+        if row.config:  # a broken run, or one that has not recorded its config, is no one's repeat
             by_config.setdefault(tuple(repr(row.config.get(k)) for k in keys), []).append(row)
     groups = []
     for members in by_config.values():

@@ -25,4 +25,5 @@ def run(cfg: Any, out_dir: Path) -> None:
     table = build_table(Path(r.root), sort=str(r.sort), repeat_keys=[str(k) for k in r.repeat_keys])
     path = write_csv(table, Path(r.out) if r.out else Path(out_dir) / RUNS_CSV)
     print(format_table(table))
-    print(f"\n{len(table.rows)} runs, {len(table.groups)} seed groups; wrote {path}", flush=True)
+    groups = len(table.groups)
+    print(f"\n{len(table.rows)} runs, {groups} seed group{'' if groups == 1 else 's'}; wrote {path}", flush=True)
