@@ -175,6 +175,16 @@ class ReportConfig:
 
 
 @dataclass
+class RunsConfig:
+    # +mode=runs: the table of every run found under root (run folders and sweeps, recursively)
+    root: Optional[str] = None
+    out: Optional[str] = None  # the CSV; None = runs.csv in this command's Hydra output folder
+    sort: str = "best_val"  # a column of the table (accuracies descending) or a config key
+    # keys a repeat may change: runs equal in every other config key form one seed group
+    repeat_keys: List[str] = field(default_factory=lambda: ["seed"])
+
+
+@dataclass
 class SweepConfig:
     dir: Optional[str] = None
     # early stopping of weak trials (median rule over finished trials' curves)
@@ -266,6 +276,7 @@ class Config:
     mode: ModeConfig = field(default_factory=ModeConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    runs: RunsConfig = field(default_factory=RunsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -48,6 +48,7 @@ HYDRA_HYDRA = ".hydra/hydra.yaml"
 DETECT_EVENTS = "events.jsonl"
 PREDICTIONS = "predictions.jsonl"
 EXPORT = "export.json"
+RUNS_CSV = "runs.csv"  # +mode=runs: the table of runs
 HYDRA_CONFIG = ".hydra/config.yaml"
 HYDRA_OVERRIDES = ".hydra/overrides.yaml"
 

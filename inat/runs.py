@@ -189,6 +189,26 @@ def acquire_run_lock(run_dir: Path) -> Iterator[Path]:
         yield lock_path
 
 
+def run_lock_holder(run_dir: Path) -> str | None:
+    """The pid text of the live process holding ``run_dir``'s lock, or None when no process holds it.
+
+    Only asks (a shared, non-blocking ``flock`` on a read-only descriptor, released at once):
+    a reader never takes, truncates or removes a running run's lock file. A lock file left by
+    a killed process is free, so it reads as None.
+    """
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # closing releases a shared lock we took
+    return None
+
+
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` from torchrun's environment (``(0, 1)`` otherwise)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

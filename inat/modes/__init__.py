@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, List
 
 NAMES = ("train", "test", "download", "audit", "info", "explain", "report", "sweep_report", "predict", "export",
-         "detect", "lr_find")
+         "detect", "lr_find", "runs")
 
 
 def command_overrides() -> List[str]:

@@ -75,6 +75,7 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
     from inat.report.collect import best_run, collect
     from inat.report.html import page
     from inat.report.provenance import run_provenance, this_machine
+    from inat.report.repeats import repeats_section
 
     from inat.runs import atomic_open
 
@@ -103,6 +104,7 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
         sections.best_model_section(best, explained, explain_dir, curves),
         sections.finetune_section(trained, best, chart,
                                   _gradcam_best_tuned(best_run(trained, scratch=False), work_dir, explain)),
+        repeats_section(trained),
         sections.part_c_section(detections),
         sections.provenance_section([run_provenance(r, machine) for r in trained], machine, sweeps),
         f"<p class=\"note\">Inputs: {', '.join(str(i) for i in inputs)}. Accuracies are percentages with one "
