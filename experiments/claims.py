@@ -1,6 +1,6 @@
-"""Check every number in the README's results table against the file it names.
+"""Check every published number against the file it names: the README's results table and prose.
 
-    python experiments/claims.py [README.md]
+    python experiments/claims.py [README.md ...]
 
 The results table has four columns: ``| result | number | command | source |``. The
 *number* cell holds only the claimed numbers (``**81.4%** test``, ``**7.4** vs 87.5``); the
@@ -12,9 +12,23 @@ is compared with 100 x a fraction (or with a value already above 1 as is); every
 must equal its file's value at the precision it is written with. The check fails on a
 mismatch, a number without a source, a source without a number, or a missing file or key.
 ``tests/test_claims.py`` runs it in CI.
+
+Prose (``PROSE_FILES``: the README outside its results table, and the docs named there) is
+checked the same way. A *measured* number there is one written with decimals, a ``%`` or ``x``,
+a sign (``+13``, ``-0.4 pts``), thousands commas, or a unit (``s``, ``min``, ``img/s``, ``MiB``,
+``epochs``, ``trials``, ``points``, ...); bare integers (``5 blocks``, ``seed 0``, ``Part A``)
+are counts and settings, not checked. Code spans, fenced blocks, link targets and images are
+not prose. Each block (a paragraph, a list item, a table row, a heading) names the sources of
+its numbers, in order, in one or more comments ``<!-- ev: SOURCE; SOURCE -->``. A source is
+``file#key.path`` under ``experiments/`` (JSON, YAML or CSV; a CSV is its list of rows) or
+``conf/`` (settings), or ``inat/*.py`` (a default: ``inat/config.py#TrainConfig.epochs``), ``#key.path`` alone reuses the previous file, and it may be
+an expression of sources and constants joined by `` - ``, `` + ``, `` * ``, `` / ``
+(``#table[1].mean - #table[0].mean``; ``#total_seconds / 60``).
 """
 from __future__ import annotations
 
+import csv
+import importlib
 import json
 import re
 import sys
@@ -26,6 +40,17 @@ REPO = Path(__file__).resolve().parents[1]
 HEADER = ("result", "number", "command", "source")
 # A claimed number: optional sign, digits with thousands commas, decimals, exponent, then a unit.
 NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?(?P<unit>%|x)?(?![\w.])")
+# A measured number in prose: decimals, %, x, a sign, thousands commas or a unit (see above).
+UNIT = (r"(?:%|x(?!\w)|\s?(?:ms|s|min|minutes|h|hours|img/s|images/s|frames/s|MB|MiB|GB|GiB|KB|kB|epochs?|"
+        r"trials?|images|points|pts|params|parameters|MACs|seconds|hits?|bytes)(?![\w/]))")
+PROSE_NUMBER = re.compile(r"(?<![\w.+])(?:(?<![\w\-])(?P<sign>[+\-−]))?"
+                          r"(?P<body>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
+                          r"(?:e-?\d+)?(?P<unit>" + UNIT + r")?(?![\w.]|,\d{3})")
+EVIDENCE = re.compile(r"<!--\s*ev:\s*(.*?)\s*-->", re.S)
+NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|<img[^>]*>|https?://\S+", re.S)
+# Files whose prose is checked number by number; the test ratchets the rest down (UNSOURCED_LIMIT).
+PROSE_FILES = ("README.md",)
+UNSOURCED_LIMIT = 350
 TOKEN = re.compile(r"\[([^\]]+)\]|([^.\[\]]+)")
 
 
@@ -83,6 +108,9 @@ def lookup(data: Any, path: str) -> Any:
     node = data
     for index, key in TOKEN.findall(path):
         if key:
+            if not isinstance(node, dict) and hasattr(node, key):
+                node = getattr(node, key)
+                continue
             if not isinstance(node, dict) or key not in node:
                 raise KeyError(f"no key '{key}'")
             node = node[key]
@@ -104,58 +132,175 @@ def _same(value: Any, want: str) -> bool:
         return str(value) == want
 
 
+SHOWN = re.compile(r"(?P<sign>[+\-−])?(?P<mantissa>[\d,]+(?:\.(?P<decimals>\d+))?)(?:e(?P<exponent>-?\d+))?\s*(?P<unit>.*)")
+PERCENT_UNITS = ("%", "pts", "points")
+
+
 def matches(text: str, value: Any) -> bool:
-    """True when ``value`` written at the precision of ``text`` (with its unit) reads ``text``."""
-    unit = text[-1] if text[-1] in "%x" else ""
-    shown = float(text.rstrip("%x").replace(",", ""))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """True when ``value`` written at the precision of ``text`` (with its unit) reads ``text``.
+
+    A fraction (|value| <= 1) is shown x 100 when the unit is ``%``, ``pts`` or ``points``."""
+    m = SHOWN.fullmatch(text.strip())
+    if m is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
+    shown = float(m.group("mantissa").replace(",", "")) * (-1 if m.group("sign") in ("-", "−") else 1)
     value = float(value)
-    if unit == "%" and abs(value) <= 1:
+    if m.group("unit").strip() in PERCENT_UNITS and abs(value) <= 1:
         value *= 100
-    mantissa = text.rstrip("%x").split("e")[0]
-    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
-    if "e" in text:  # scientific: compare significant digits
-        exponent = int(text.rstrip("%x").split("e")[1])
-        return abs(shown - value) <= 0.5 * 10 ** (exponent - decimals) * (1 + 1e-9)
+    decimals = len(m.group("decimals") or "")
+    if m.group("exponent"):  # scientific: compare significant digits
+        exponent = int(m.group("exponent"))
+        return abs(shown * 10 ** exponent - value) <= 0.5 * 10 ** (exponent - decimals) * (1 + 1e-9)
     return abs(shown - value) <= 0.5 * 10 ** -decimals + 1e-9
 
 
-def check(readme: Path = REPO / "README.md") -> List[str]:
-    """Every problem with the README's claimed numbers (empty: all true)."""
+def _measured(m: re.Match) -> bool:
+    return bool(m.group("sign") or m.group("unit") or "." in m.group("body") or "," in m.group("body"))
+
+
+def blocks(markdown: str) -> List[tuple[int, str]]:
+    """(first line number, text) of each prose block: paragraphs, list items, table rows and
+    headings, fenced code and the results table left out."""
+    out: List[tuple[int, List[str]]] = []
+    fence = in_table = False
+    for number, line in enumerate(markdown.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fence = not fence
+            continue
+        cells = tuple(c.strip().lower() for c in stripped.strip("|").split("|"))
+        if cells == HEADER:
+            in_table = True
+        if in_table:
+            in_table = stripped.startswith("|")
+            if in_table:
+                continue
+        if fence or not stripped:
+            out.append((number, []))
+            continue
+        starts = (stripped.startswith(("|", "#", "- ", "* ")) or re.match(r"\d+\. ", stripped)
+                  or not out or not out[-1][1] or out[-1][1][-1].lstrip().startswith(("|", "#")))
+        if starts:
+            out.append((number, [line]))
+        else:
+            out[-1][1].append(line)
+    return [(n, "\n".join(lines)) for n, lines in out if lines]
+
+
+def prose_claims(markdown: str, name: str) -> List[Claim]:
+    """Every measured number of the prose of ``markdown`` paired, in order, with its block's sources."""
+    out: List[Claim] = []
+    for line, text in blocks(markdown):
+        sources = [s.strip() for ev in EVIDENCE.findall(text) for s in ev.split(";") if s.strip()]
+        numbers = [m.group(0) for m in PROSE_NUMBER.finditer(NOT_PROSE.sub(" ", text)) if _measured(m)]
+        where = f"{name}:{line}"
+        for i in range(max(len(numbers), len(sources))):
+            out.append(Claim(where, numbers[i] if i < len(numbers) else "", sources[i] if i < len(sources) else None))
+    return out
+
+
+def load(file: str) -> Any:
+    """The data of an evidence file: JSON, YAML, or a CSV as its list of rows (numbers parsed)."""
+    target = REPO / file
+    if not file.startswith(("experiments/", "conf/", "inat/")) or not target.is_file():
+        raise FileNotFoundError(f"source file {file} is not a file under experiments/, conf/ or inat/")
+    if file.endswith(".py"):  # a default setting: the module's names (dataclass fields read as their defaults)
+        sys.path.insert(0, str(REPO))
+        return importlib.import_module(file.removesuffix(".py").replace("/", "."))
+    if file.endswith(".json"):
+        return json.loads(target.read_text())
+    if file.endswith((".yaml", ".yml")):
+        import yaml  # the checker runs in the project's venv, which has PyYAML through Hydra
+        return yaml.safe_load(target.read_text())
+    if file.endswith(".csv"):
+        with target.open(newline="") as f:
+            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    raise ValueError(f"source file {file} is not JSON, YAML or CSV")
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _operands(source: str) -> tuple[List[str], List[str]]:
+    parts = re.split(r" ([-+*/]) ", source)
+    return parts[0::2], parts[1::2]
+
+
+def value_of(source: str, previous: Optional[str], cache: dict) -> tuple[Any, Optional[str]]:
+    """The value ``source`` names (an expression of ``file#path`` terms and constants) and the
+    file a following ``#path`` reuses."""
+    terms, ops = _operands(source.strip("`"))
+    values = []
+    for term in terms:
+        term = term.strip().strip("`")
+        if re.fullmatch(r"-?\d+(?:\.\d+)?", term):
+            values.append(float(term))
+            continue
+        if term.startswith("#"):
+            if previous is None:
+                raise ValueError(f"'{term}' reuses a file, but none was named before it")
+            term = previous + term
+        file, _, path = term.partition("#")
+        previous = file
+        if file not in cache:
+            cache[file] = load(file)
+        values.append(lookup(cache[file], path) if path else cache[file])
+    result = values[0]
+    for op, v in zip(ops, values[1:]):
+        result = {"-": lambda a, b: a - b, "+": lambda a, b: a + b, "*": lambda a, b: a * b,
+                  "/": lambda a, b: a / b}[op](float(result), float(v))
+    return result, previous
+
+
+def verify(found: List[Claim]) -> List[str]:
+    """Every problem with a list of claims (empty: all true)."""
     problems = []
     cache: dict = {}
-    for c in claims(readme.read_text()):
+    previous: Optional[str] = None
+    for c in found:
         if c.source is None:
             problems.append(f"'{c.row}': {c.text} has no source")
             continue
         if not c.text:
             problems.append(f"'{c.row}': source {c.source} has no number")
             continue
-        file, _, path = c.source.partition("#")
-        target = REPO / file
-        if not file.startswith("experiments/") or not target.is_file():
-            problems.append(f"'{c.row}': {c.text}: source file {file} is not a file under experiments/")
-            continue
-        if file not in cache:
-            cache[file] = json.loads(target.read_text())
         try:
-            value = lookup(cache[file], path)
-        except (KeyError, IndexError, TypeError, ValueError) as err:
+            value, previous = value_of(c.source, previous, cache)
+        except (KeyError, IndexError, TypeError, ValueError, FileNotFoundError) as err:
             problems.append(f"'{c.row}': {c.text}: {c.source}: {err}")
             continue
         if not matches(c.text, value):
-            problems.append(f"'{c.row}': README says {c.text}, {c.source} holds {value!r}")
+            problems.append(f"'{c.row}': the text says {c.text}, {c.source} holds {value!r}")
     return problems
 
 
+def check(readme: Path = REPO / "README.md") -> List[str]:
+    """Every problem with the README's results table (empty: all true)."""
+    return verify(claims(readme.read_text()))
+
+
+def check_prose(path: Path) -> List[str]:
+    """Every problem with the measured numbers of one file's prose (empty: all true)."""
+    return verify(prose_claims(path.read_text(), str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name))
+
+
 def main() -> None:
-    readme = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "README.md"
+    readme = REPO / "README.md"
+    table = claims(readme.read_text())
     problems = check(readme)
-    n = len(claims(readme.read_text()))
+    prose = 0
+    for name in PROSE_FILES:
+        found = prose_claims((REPO / name).read_text(), name)
+        prose += len(found)
+        problems += verify(found)
     for p in problems:
         print(p)
-    print(f"{n} numbers checked, {len(problems)} problems")
+    print(f"{len(table)} table numbers and {prose} prose numbers in {', '.join(PROSE_FILES)} checked, "
+          f"{len(problems)} problems")
     sys.exit(1 if problems else 0)
 
 

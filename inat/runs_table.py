@@ -42,6 +42,7 @@ GROUP_METRICS: Dict[str, str] = {"best_val": "best val accuracy", "test": "test 
 COLUMNS = ("best_val", "test", "macro_f1", "ece", "epochs", "img_s", "precision", "device", "hardware", "group")
 DESCENDING = ("best_val", "test", "macro_f1", "img_s")
 
+CONFIDENCE = 0.95  # of the seed groups' t interval
 DONE = "done"  # the only status whose numbers enter a seed group
 
 
@@ -263,7 +264,7 @@ def differing_keys(rows: Sequence[RunRow]) -> List[str]:
 
 
 def spread(values: Sequence[float]) -> Spread:
-    """mean, sample std, n and the 95% interval ``mean ± t(0.975, n-1) · std / sqrt(n)``."""
+    """mean, sample std, n and the CONFIDENCE (95%) interval ``mean ± t(0.975, n-1) · std / sqrt(n)``."""
     from scipy import stats
 
     x = np.asarray(values, dtype=float)
@@ -271,7 +272,7 @@ def spread(values: Sequence[float]) -> Spread:
     if len(x) < 2:
         return Spread(mean, None, len(x), None, None)
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.975, len(x) - 1)) * std / math.sqrt(len(x))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(x) - 1)) * std / math.sqrt(len(x))
     return Spread(mean, std, len(x), mean - half, mean + half)
 
 

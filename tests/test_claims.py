@@ -75,3 +75,43 @@ def test_experiments_keeps_evidence_not_raw_output():
         pytest.skip("not a git checkout")
     assert len(files) < 200
     assert not [f for f in files if f.endswith(".db") or "/hydra.yaml" in f or re.search(r"/\d+/", f)]
+
+
+def test_every_prose_number_of_the_checked_files_matches_its_file():
+    """README prose (and every doc in PROSE_FILES): each measured number names its source and equals it."""
+    claims = claims_module()
+    for name in claims.PROSE_FILES:
+        found = claims.prose_claims((REPO / name).read_text(), name)
+        assert found, name
+        problems = claims.verify(found)
+        assert not problems, "\n".join(problems)
+    assert "README.md" in claims.PROSE_FILES
+
+
+def test_docs_not_yet_checked_only_lose_unsourced_numbers():
+    """docs/*.md outside PROSE_FILES: their unsourced or wrong numbers may only go down (a ratchet)."""
+    claims = claims_module()
+    rest = [p for p in sorted((REPO / "docs").glob("*.md")) if f"docs/{p.name}" not in claims.PROSE_FILES]
+    problems = [q for p in rest for q in claims.verify(claims.prose_claims(p.read_text(), f"docs/{p.name}"))]
+    assert len(problems) <= claims.UNSOURCED_LIMIT, f"{len(problems)} > {claims.UNSOURCED_LIMIT}:\n" + "\n".join(problems)
+
+
+def test_prose_checker_reads_blocks_sources_and_expressions(tmp_path, monkeypatch):
+    claims = claims_module()
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "r.json").write_text(json.dumps({"s": 816.4, "acc": [0.444, 0.311], "n": 3927}))
+    (tmp_path / "experiments" / "t.csv").write_text("run,acc\nfull,0.919\n")
+    monkeypatch.setattr(claims, "REPO", tmp_path)
+    good = ("# Title with 2 words\n\nIt took 816 s (13.6 min) on 3,927 images, run `x=0.5` twice.\n"
+            "<!-- ev: experiments/r.json#s; #s / 60; #n -->\n\n"
+            "- the peer scores 31.1%, -13.3 pts <!-- ev: experiments/r.json#acc[1]; #acc[1] - #acc[0] -->\n"
+            "- full 91.9% <!-- ev: experiments/t.csv#[run=full].acc -->\n\n"
+            "```\n$ python run.py   # 99.9% in a code block is not prose\n```\n")
+    found = claims.prose_claims(good, "README.md")
+    assert [c.text for c in found] == ["816 s", "13.6 min", "3,927 images", "31.1%", "-13.3 pts", "91.9%"]
+    assert claims.verify(found) == []
+    for bad, why in ((good.replace("13.6 min", "13.7 min"), "holds"), (good.replace("31.1%", "31.1%, 2.5x"), "no source"),
+                     (good.replace("; #n -->", " -->"), "no source"), (good.replace("#acc[1] -", "#acc[7] -"), "index"),
+                     (good.replace("t.csv", "u.csv"), "not a file")):
+        problems = claims.verify(claims.prose_claims(bad, "README.md"))
+        assert problems and any(why in p for p in problems), (why, problems)
