@@ -49,8 +49,9 @@ PROSE_NUMBER = re.compile(r"(?<![\w.+])(?:(?<![\w\-])(?P<sign>[+\-−]))?"
 EVIDENCE = re.compile(r"<!--\s*ev:\s*(.*?)\s*-->", re.S)
 NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|<img[^>]*>|https?://\S+", re.S)
 # Files whose prose is checked number by number; the test ratchets the rest down (UNSOURCED_LIMIT).
-PROSE_FILES = ("README.md", "docs/architecture.md", "docs/calibration.md", "docs/detect.md", "docs/explain.md")
-UNSOURCED_LIMIT = 315
+PROSE_FILES = ("README.md", "docs/architecture.md", "docs/calibration.md", "docs/detect.md", "docs/explain.md",
+               "docs/finetune.md")
+UNSOURCED_LIMIT = 145
 TOKEN = re.compile(r"\[([^\]]+)\]|([^.\[\]]+)")
 
 
