@@ -96,12 +96,12 @@ def main() -> None:
     result.update(inat_test_accuracy=test["accuracy"], inat_budget_epochs=summary["epochs"],
                   inat_budget_train_seconds=summary["train_seconds"], inat_budget_wall_s=round(wall, 1),
                   inat_precision=summary.get("precision"), inat_precision_reason=summary.get("precision_reason"))
-    keep = Path(a.out).parent / "inat_budget_run"  # the run's compact evidence (no checkpoints)
-    (keep / "hydra").mkdir(parents=True, exist_ok=True)
-    for name in ("summary.json", "metrics.csv", "test/test.json", ".hydra/config.yaml", ".hydra/overrides.yaml"):
+    keep = Path(a.out).parent / "inat_budget_run"  # the run's compact evidence (no checkpoints;
+    keep.mkdir(parents=True, exist_ok=True)        # summary.json holds the resolved config)
+    for name in ("summary.json", "metrics.csv", "test/test.json"):
         src = budget_dir / name
         if src.is_file():
-            dst = keep / Path(name.replace(".hydra/", "hydra/").replace("test/", ""))
+            dst = keep / Path(name.replace("test/", ""))
             dst.write_text(src.read_text().replace(str(budget_dir), "<run_dir>").replace(str(REPO.parent), "<work>"))
     if not a.skip_peer_accuracy:
         out = work / "peer_budget.json"

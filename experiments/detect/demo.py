@@ -2,8 +2,9 @@
 
 Run from the repository root:  .venv/bin/python experiments/detect/demo.py
 It writes outputs/detect/demo/ (the full run: annotated mp4, alert snapshots, events) and
-copies next to this script the small results we commit: events.jsonl, summary.json and
-one annotated alert frame (alert_frame.jpg).
+copies next to this script the small results we commit: detect.json (frames, detections per
+class, every loitering alert, speed) and one annotated alert frame (alert_frame.jpg); the event
+log (events.jsonl) repeats detect.json's alerts line by line and stays in the run folder.
 """
 from __future__ import annotations
 
@@ -81,9 +82,8 @@ def main() -> None:
     alerts = sorted((run_dir / "alerts").glob("*.jpg"))
     # The dog photo's alert: the classic darknet test frame, with a bicycle and cars around it.
     shutil.copy(alerts[0], HERE / "alert_frame.jpg")
-    for name in (run_folder.DETECT_EVENTS, run_folder.DETECT):
-        shutil.copy(run_dir / name, HERE / name)
-    print(f"copied {alerts[0].name}, {run_folder.DETECT_EVENTS} and {run_folder.DETECT} to {HERE}")
+    shutil.copy(run_dir / run_folder.DETECT, HERE / run_folder.DETECT)
+    print(f"copied {alerts[0].name} and {run_folder.DETECT} to {HERE}")
     benchmark()
 
 

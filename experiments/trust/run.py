@@ -65,7 +65,6 @@ def main() -> None:
     chain = REPO / "outputs" / "partA_chain" / "best_full" / "checkpoints" / "best.pt"
     if chain.is_file():
         run(["+mode=explain", f"ckpt={chain}", "explain.what=[gradcam]", f"hydra.run.dir={work / 'scratch_cam'}"])
-        shutil.copy(work / "scratch_cam" / "gradcam.png", HERE / "gradcam_scratch_woof.png")
         out["scratch_gradcam"] = load(work / "scratch_cam" / "explain.json").get("gradcam")
     out["finished"] = time.strftime("%Y-%m-%d %H:%M")
     out["command"] = "python experiments/trust/run.py"
