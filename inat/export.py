@@ -232,13 +232,15 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
               "exporter": onnx_exporter if fmt == "onnx" else "torch.jit.trace",
               "ckpt": str(Path(ckpt).resolve()), "bytes": final.stat().st_size, "metadata": metadata}
     if quantize != "none":
-        from inat.quantize import GateRefused, quantize_and_gate
+        from inat.quantize import quantize_and_gate
 
         try:
             result["quantize"] = quantize_and_gate(final, predictor.state, spec, mode=quantize, max_drop=max_drop,
                                                    calibration_images=calibration_images, input_name=INPUT_NAME)
-        except GateRefused as refused:
-            result["quantize"] = refused.record
+        except InatError as err:
+            # the fp32 file is verified and stays, so its record is written, with why no int8 copy is
+            result["quantize"] = getattr(err, "record", {"mode": quantize, "accepted": False, "path": None})
+            result["quantize"]["refused"] = str(err)
             write_json(out_dir / EXPORT, result)
             raise
     write_json(out_dir / EXPORT, result)

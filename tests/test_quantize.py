@@ -142,3 +142,22 @@ def test_quantize_is_onnx_only_and_names_its_choices(trained_run, tmp_path):
     cfg = export_cfg(ckpt, quantize="int4", max_drop=-0.1)
     errors = " ".join(config_errors(cfg))
     assert "export.quantize=int4 is not a valid choice" in errors and "export.max_drop must be >= 0" in errors
+
+
+def test_without_the_runs_training_folder_no_int8_copy_is_made(trained_run, tmp_path):
+    """The gate and the calibration read the run's train/: gone, the command is one sentence, the fp32 export stays."""
+    from inat.checkpoint import load_checkpoint, save_checkpoint
+    from inat.export import export_checkpoint
+
+    _, _, ckpt = trained_run
+    state = load_checkpoint(ckpt)
+    state["config"]["data"]["root"] = str(tmp_path / "moved")
+    save_checkpoint(state, tmp_path / "moved.pt")
+    out = tmp_path / "out"
+    with pytest.raises(InatError, match="moved") as err:
+        export_checkpoint(tmp_path / "moved.pt", out, quantize="dynamic")
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    record = json.loads((out / "export.json").read_text())
+    assert record["images"] == "random pixels" and record["quantize"]["accepted"] is False
+    assert record["quantize"]["refused"] == str(err.value)
