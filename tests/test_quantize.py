@@ -161,3 +161,19 @@ def test_without_the_runs_training_folder_no_int8_copy_is_made(trained_run, tmp_
     record = json.loads((out / "export.json").read_text())
     assert record["images"] == "random pixels" and record["quantize"]["accepted"] is False
     assert record["quantize"]["refused"] == str(err.value)
+
+
+def test_efficientnet_lite0_static_int8_quantizes_every_conv(tmp_path):
+    """ImageNet Lite0 with a fresh 3-class head at 224 px: ONNX Runtime's pre-processing and QDQ
+    handle its depthwise convolutions and TF-style padding, and the copy is 3-4x smaller."""
+    from test_export import make_checkpoint
+
+    from inat.export import export_checkpoint
+
+    data = make_dataset(tmp_path / "data", n_classes=3, n_train=6, n_test=1, size=64)
+    ckpt = make_checkpoint(tmp_path / "lite0.pt", ["class_0", "class_1", "class_2"], data, image_size=224,
+                           name="efficientnet_lite0", pretrained=True)
+    q = export_checkpoint(ckpt, tmp_path / "out", quantize="static", calibration_images=4, max_drop=1.0)["quantize"]
+    assert q["accepted"] and q["calibration"]["n"] == 4 and q["val"]["n"] == 3
+    assert q["ops"] == {"int8": {"Conv": 49, "Gemm": 1}, "float": {}}
+    assert 3 < q["bytes"]["fp32"] / q["bytes"]["int8"] < 4
