@@ -144,11 +144,12 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def accuracy(sess: ort.InferenceSession, x: np.ndarray, labels: np.ndarray) -> int:
-    """Correct top-1 predictions of ``sess`` on (N, 3, S, S) ``x``; a count, so two models compare exactly."""
+def accuracy(sess: ort.InferenceSession, images: np.ndarray, labels: np.ndarray, spec: ModelSpec) -> int:
+    """Correct top-1 predictions of ``sess`` on (N, S, S, 3) uint8 ``images``, normalised batch by batch
+    (a few hundred 224 px images in float32 would be gigabytes); a count, so two models compare exactly."""
     name = sess.get_inputs()[0].name
-    predicted = np.concatenate([sess.run(None, {name: x[i:i + SCORE_BATCH]})[0].argmax(1)
-                                for i in range(0, len(x), SCORE_BATCH)])
+    predicted = np.concatenate([sess.run(None, {name: normalised(images[i:i + SCORE_BATCH], spec)})[0].argmax(1)
+                                for i in range(0, len(images), SCORE_BATCH)])
     return int((predicted == labels).sum())
 
 
@@ -166,12 +167,13 @@ def latency_ms(sess: ort.InferenceSession, image: np.ndarray) -> float:
 
 
 def cpu_label(threads: int) -> Dict[str, Any]:
-    """The machine the latencies were measured on."""
-    from inat.report.provenance import cpu_model
+    """The machine the latencies were measured on (training's environment record) and how they were taken."""
+    from inat.training.writer import environment
 
-    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
-            "onnxruntime": ort.__version__, "batch": 1, "statistic": "median",
-            "runs": LATENCY_RUNS, "warmup": LATENCY_WARMUP}
+    machine = environment(torch.device("cpu"))
+    return {"cpu": machine["cpu"], "cpu_count": machine["cpu_count"], "cpu_capability": machine["cpu_capability"],
+            "threads": threads, "torch": machine["torch"], "onnxruntime": ort.__version__, "batch": 1,
+            "statistic": "median", "runs": LATENCY_RUNS, "warmup": LATENCY_WARMUP}
 
 
 def quantize_and_gate(fp32: Path, state: Dict[str, Any], spec: ModelSpec, *, mode: str, max_drop: float,
@@ -192,14 +194,16 @@ def quantize_and_gate(fp32: Path, state: Dict[str, Any], spec: ModelSpec, *, mod
     except InatError as err:
         raise InatError(f"export.quantize scores the int8 model on the run's validation split, read from the "
                         f"checkpoint's data.root, and it cannot: {err}") from err
-    x_val, y_val = normalised(data.images[data.val_idx], spec), np.asarray(data.labels[data.val_idx])
+    val_images, y_val = np.asarray(data.images[data.val_idx]), np.asarray(data.labels[data.val_idx])
     reader = calibration_reader(data, spec, int(calibration_images), input_name) if mode == "static" else None
     threads = usable_cpus()
     final = Path(fp32).with_name(INT8_NAME)
+    if final.is_file():
+        final.unlink()  # an older export's int8 copy belongs to another fp32 file: refused or not, it goes
     with atomic_path(final) as tmp:
         quantize_file(Path(fp32), tmp, mode, reader)
         sessions = {"fp32": session(fp32, threads), "int8": session(tmp, threads)}
-        correct = {k: accuracy(s, x_val, y_val) for k, s in sessions.items()}
+        correct = {k: accuracy(s, val_images, y_val, spec) for k, s in sessions.items()}
         n = len(y_val)
         record: Dict[str, Any] = {
             "mode": mode, "settings": SETTINGS[mode], "ops": quantized_ops(tmp), "max_drop": float(max_drop),
@@ -207,7 +211,7 @@ def quantize_and_gate(fp32: Path, state: Dict[str, Any], spec: ModelSpec, *, mod
                     "drop": (correct["fp32"] - correct["int8"]) / n,
                     "split": "given val/" if data.given_val else "carved from train/ (the run's split)"},
             "bytes": {"fp32": Path(fp32).stat().st_size, "int8": tmp.stat().st_size},
-            "latency_ms": {k: latency_ms(s, x_val[0]) for k, s in sessions.items()},
+            "latency_ms": {k: latency_ms(s, normalised(val_images[:1], spec)[0]) for k, s in sessions.items()},
             "latency_machine": cpu_label(threads),
             "calibration": None if reader is None else {"split": "train", "n": len(reader.paths),
                                                         "paths": reader.paths},

@@ -117,6 +117,8 @@ def test_the_gate_refuses_an_int8_copy_that_loses_accuracy(trained_run, tmp_path
     _, _, ckpt = trained_run
     broken = outlier_checkpoint(ckpt, tmp_path / "outlier.pt")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.int8.onnx").write_bytes(b"an older export's int8 copy")
     proc = run_cli(["+mode=export", f"ckpt={broken}", "export.quantize=static", f"hydra.run.dir={out}"], timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.int8.onnx was not kept" in proc.stderr and "validation accuracy on 24 images" in proc.stdout
