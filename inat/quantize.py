@@ -32,6 +32,8 @@ from inat.data.images import to_float
 from inat.errors import InatError
 from inat.models import ModelSpec
 from inat.runs import atomic_path, usable_cpus
+from inat.training.data import checkpoint_split
+from inat.training.writer import environment
 
 INT8_NAME = "model.int8.onnx"
 CALIBRATION_SEED = 0
@@ -168,8 +170,6 @@ def latency_ms(sess: ort.InferenceSession, image: np.ndarray) -> float:
 
 def cpu_label(threads: int) -> Dict[str, Any]:
     """The machine the latencies were measured on (training's environment record) and how they were taken."""
-    from inat.training.writer import environment
-
     machine = environment(torch.device("cpu"))
     return {"cpu": machine["cpu"], "cpu_count": machine["cpu_count"], "cpu_capability": machine["cpu_capability"],
             "threads": threads, "torch": machine["torch"], "onnxruntime": ort.__version__, "batch": 1,
@@ -186,8 +186,9 @@ def quantize_and_gate(fp32: Path, state: Dict[str, Any], spec: ModelSpec, *, mod
     """
     if mode not in choices.QUANTIZE_MODES or mode == "none":
         raise InatError(f"Unknown export.quantize '{mode}': valid are {', '.join(choices.QUANTIZE_MODES)}.")
-    from inat.training.data import checkpoint_split
-
+    final = Path(fp32).with_name(INT8_NAME)
+    if final.is_file():
+        final.unlink()  # an older export's int8 copy belongs to another fp32 file: refused or not, it goes
     sides = ("val", "train") if mode == "static" else ("val",)
     try:
         data = checkpoint_split(state, spec, "the int8 model cannot be calibrated or gated on it", sides=sides)
@@ -197,9 +198,6 @@ def quantize_and_gate(fp32: Path, state: Dict[str, Any], spec: ModelSpec, *, mod
     val_images, y_val = np.asarray(data.images[data.val_idx]), np.asarray(data.labels[data.val_idx])
     reader = calibration_reader(data, spec, int(calibration_images), input_name) if mode == "static" else None
     threads = usable_cpus()
-    final = Path(fp32).with_name(INT8_NAME)
-    if final.is_file():
-        final.unlink()  # an older export's int8 copy belongs to another fp32 file: refused or not, it goes
     with atomic_path(final) as tmp:
         quantize_file(Path(fp32), tmp, mode, reader)
         sessions = {"fp32": session(fp32, threads), "int8": session(tmp, threads)}
