@@ -29,3 +29,6 @@ CAM_METHODS: Tuple[str, ...] = ("gradcam", "gradcam++")
 GRID_PICKS: Tuple[str, ...] = ("random", "confident", "mistakes")
 EXPORT_FORMATS: Tuple[str, ...] = ("onnx", "torchscript")
 ONNX_EXPORTERS: Tuple[str, ...] = ("legacy", "dynamo")
+# export.quantize: none = fp32 only; dynamic = int8 weights, activations quantized per batch at run time;
+# static = int8 weights and activations, activation ranges calibrated on training-split images.
+QUANTIZE_MODES: Tuple[str, ...] = ("none", "dynamic", "static")

@@ -225,6 +225,11 @@ class ExportConfig:
     onnx_exporter: str = "legacy"
     tolerance: float = 1e-3  # largest max-abs logit difference to PyTorch that passes
     calibrated: bool = True  # divide logits by the checkpoint's temperature inside the graph; false = raw logits
+    # int8 copy (model.int8.onnx, ONNX only) by ONNX Runtime's quantization: none | dynamic | static
+    quantize: str = "none"
+    # refuse the int8 copy when its validation accuracy is lower than fp32's by more than this (0.01 = 1 point)
+    max_drop: float = 0.01
+    calibration_images: int = 64  # training-split images that set static quantization's activation ranges
 
 
 @dataclass
@@ -314,6 +319,7 @@ RANGES: Dict[str, str] = {
     "sweep.max_trials": "[0, inf)", "sweep.heartbeat_seconds": "(0, inf)", "sweep.retries": "[0, inf)",
     "predict.top_k": "[1, inf)", "predict.batch_size": "[1, inf)", "predict.workers": "[0, inf)",
     "export.verify_images": "[1, inf)", "export.opset": "[7, 23]", "export.tolerance": "(0, inf)",
+    "export.max_drop": "[0, 1]", "export.calibration_images": "[1, inf)",
     "detect.conf": "[0, 1]", "detect.iou": "[0, 1]", "detect.size": "[32, 4096]", "detect.loiter_frames": "[1, inf)",
     # lr_find: the ramp's ends are learning rates (start < end is checked in config_errors);
     # smoothing is an EMA factor, and 1 never moves (its bias correction divides by 0); the
@@ -344,6 +350,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "explain.pick": choices.GRID_PICKS,
     "export.format": choices.EXPORT_FORMATS,
     "export.onnx_exporter": choices.ONNX_EXPORTERS,
+    "export.quantize": choices.QUANTIZE_MODES,
 }
 # What to do instead, for keys whose range alone would puzzle.
 HINTS: Dict[str, str] = {

@@ -168,7 +168,8 @@ class TemperatureScaled(nn.Module):
 
 def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onnx", verify_images: int = 8,
                       opset: int = 17, onnx_exporter: str = "legacy", tolerance: float = 1e-3,
-                      calibrated: bool = True) -> Dict[str, Any]:
+                      calibrated: bool = True, quantize: str = "none", max_drop: float = 0.01,
+                      calibration_images: int = 64) -> Dict[str, Any]:
     """Export ``ckpt`` into ``out_dir`` as ``fmt``, verify parity, write ``export.json``; returns its dict.
 
     The model runs in fp32 eval mode on the CPU. The parity check feeds the exported file and
@@ -178,9 +179,16 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
     With ``calibrated`` and a checkpoint temperature T the graph outputs ``logits / T``
     (metadata ``temperature`` = T, ``calibrated`` = true); otherwise the raw logits, with the
     checkpoint's T (if any) still in the metadata for consumers that scale themselves.
+    With ``quantize`` (dynamic or static) the verified ONNX file then gets an int8 copy, kept
+    only if its validation accuracy is within ``max_drop`` of fp32's (``inat.quantize``);
+    export.json's ``quantize`` holds the numbers either way.
     """
     if fmt not in FORMATS:
         raise InatError(f"Unknown export.format '{fmt}': valid are {', '.join(FORMATS)}.")
+    if quantize not in choices.QUANTIZE_MODES:
+        raise InatError(f"Unknown export.quantize '{quantize}': valid are {', '.join(choices.QUANTIZE_MODES)}.")
+    if quantize != "none" and fmt != "onnx":
+        raise InatError(f"export.quantize={quantize} quantizes an ONNX model; use export.format=onnx (got {fmt}).")
     if verify_images < 1:
         raise InatError(f"export.verify_images must be at least 1 (got {verify_images}).")
     # On the CPU in fp32 whatever the machine has: the exported graph computes in fp32, and the
@@ -223,5 +231,17 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
               "n_images": int(len(x)), "images": source, "tolerance": tolerance,
               "exporter": onnx_exporter if fmt == "onnx" else "torch.jit.trace",
               "ckpt": str(Path(ckpt).resolve()), "bytes": final.stat().st_size, "metadata": metadata}
+    if quantize != "none":
+        from inat.quantize import quantize_and_gate
+
+        try:
+            result["quantize"] = quantize_and_gate(final, predictor.state, spec, mode=quantize, max_drop=max_drop,
+                                                   calibration_images=calibration_images, input_name=INPUT_NAME)
+        except InatError as err:
+            # the fp32 file is verified and stays, so its record is written, with why no int8 copy is
+            result["quantize"] = getattr(err, "record", {"mode": quantize, "accepted": False, "path": None})
+            result["quantize"]["refused"] = str(err)
+            write_json(out_dir / EXPORT, result)
+            raise
     write_json(out_dir / EXPORT, result)
     return result

@@ -61,17 +61,11 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
     to the images the run validated on; otherwise InatError, since a temperature fitted on
     other images would not be the run's.
     """
-    from inat.data.folder import scan_train
-    from inat.training import load_data
+    from inat.training.data import checkpoint_split
 
-    cfg = OmegaConf.create(state["config"])
     predictor = Predictor.from_state(state, model=model, device=device, precision=precision)
-    root = Path(cfg.data.root)
-    data = load_data(cfg.data, predictor.spec, root, scan_train(root), progress=progress)
-    expected = state.get("split_sha1", {}).get("val")
-    if expected is not None and [data.sha1[i] for i in data.val_idx] != list(expected):
-        raise InatError(f"The validation split rebuilt from '{root}/train' differs from the run's, so no temperature "
-                        f"can be fitted; the train folder changed since training.")
+    data = checkpoint_split(state, predictor.spec, "no temperature can be fitted", progress=progress)
+    cfg = OmegaConf.create(state["config"])
     logits = predictor.logits(data.images[data.val_idx], batch_size=int(cfg.train.eval_batch_size))
     return logits, data.labels[data.val_idx]
 

@@ -49,3 +49,10 @@ def test_every_accepted_optimizer_builds(name):
                          torch.device("cpu"))
     assert isinstance(opt, torch.optim.Optimizer)
 
+
+
+def test_every_accepted_quantize_mode_is_implemented():
+    from inat.quantize import SETTINGS
+
+    # "none" exports fp32 only; every other accepted mode has its ONNX Runtime settings
+    assert ("none", *SETTINGS) == choices.QUANTIZE_MODES

@@ -1,4 +1,5 @@
-"""``python run.py +mode=export ckpt=PATH [export.format=onnx|torchscript]``: the verified file plus export.json."""
+"""``python run.py +mode=export ckpt=PATH [export.format=onnx|torchscript] [export.quantize=dynamic|static]``:
+the verified file (and its accuracy-gated int8 copy) plus export.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,26 @@ def run(cfg: Any, out_dir: Path) -> None:
     from inat.run_folder import EXPORT
 
     e = cfg.export
-    result = export_checkpoint(cfg.ckpt, out_dir, fmt=str(e.format), verify_images=int(e.verify_images),
-                               opset=int(e.opset), onnx_exporter=str(e.onnx_exporter), tolerance=float(e.tolerance),
-                               calibrated=bool(e.calibrated))
+    options = dict(fmt=str(e.format), verify_images=int(e.verify_images), opset=int(e.opset),
+                   onnx_exporter=str(e.onnx_exporter), tolerance=float(e.tolerance), calibrated=bool(e.calibrated),
+                   quantize=str(e.quantize), max_drop=float(e.max_drop), calibration_images=int(e.calibration_images))
+    if options["quantize"] == "none":
+        result = export_checkpoint(cfg.ckpt, out_dir, **options)
+    else:
+        from inat.quantize import GateRefused, describe
+
+        try:
+            result = export_checkpoint(cfg.ckpt, out_dir, **options)
+        except GateRefused as refused:
+            for line in describe(refused.record):  # the numbers behind the refusal, then its sentence
+                print(line)
+            raise
     opset = f", opset {result['opset']}" if result["opset"] is not None else ""
     print(f"exported {result['format']}{opset}: max |logit difference| to PyTorch {result['max_abs_diff']:.2e} "
           f"on {result['n_images']} images from {result['images']}")
-    print(f"wrote {result['path']} and {Path(out_dir) / EXPORT}")
+    if "quantize" in result:
+        for line in describe(result["quantize"]):
+            print(line)
+        print(f"wrote {result['path']}, {result['quantize']['path']} and {Path(out_dir) / EXPORT}")
+    else:
+        print(f"wrote {result['path']} and {Path(out_dir) / EXPORT}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -75,6 +75,32 @@ def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, p
         train_idx, val_idx = build_split(labels, float(data_cfg.val_fraction), int(data_cfg.split_seed),
                                          classes=folder.classes)
     return TrainData(root, folder, cache.images, labels, cache.sha1, train_idx, val_idx, given_val=given)
+
+
+def checkpoint_split(state: Dict[str, Any], spec: ModelSpec, purpose: str, sides: Sequence[str] = ("val",),
+                     progress: bool = False) -> TrainData:
+    """The run's decoded train/ and its split, rebuilt from a checkpoint's config (never the test folder).
+
+    The split is recomputed as training made it (stratified, seeded, or the given val/) and each
+    of ``sides`` must hash to the images the checkpoint recorded there (``split_sha1``);
+    otherwise InatError, whose sentence ends with ``purpose`` (what cannot be done on other images).
+    """
+    from omegaconf import OmegaConf
+
+    from inat.data.folder import scan_train
+
+    cfg = OmegaConf.create(state["config"])
+    root = Path(cfg.data.root)
+    data = load_data(cfg.data, spec, root, scan_train(root), progress=progress)
+    saved = state.get("split_sha1", {})
+    for side in sides:
+        idx = data.val_idx if side == "val" else data.train_idx
+        expected = saved.get(side)
+        if expected is not None and [data.sha1[i] for i in idx] != list(expected):
+            name = "validation" if side == "val" else "training"
+            raise InatError(f"The {name} split rebuilt from '{root}/train' differs from the run's, so {purpose}; "
+                            f"the train folder changed since training.")
+    return data
 
 
 def images_fingerprint(sha1: List[str], labels: np.ndarray) -> Tuple[int, str]:
