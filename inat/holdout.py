@@ -56,8 +56,11 @@ def top_k_accuracy(logits: torch.Tensor, labels: np.ndarray, ks: Tuple[int, ...]
 
 
 def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: torch.device,
-                      progress: bool = False, precision: str = "auto") -> Tuple[torch.Tensor, np.ndarray]:
+                      progress: bool = False, precision: str = "auto",
+                      tta: Optional[bool] = None) -> Tuple[torch.Tensor, np.ndarray]:
     """Logits and labels of the run's validation split, rebuilt from train/ (never the test folder).
+
+    ``tta`` None scores with the run's ``aug.tta_flip`` (as test mode does); False without the flip.
 
     The split is recomputed from the checkpoint's config (stratified, seeded) and must hash
     to the images the run validated on; otherwise InatError, since a temperature fitted on
@@ -74,7 +77,7 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
     if expected is not None and [data.sha1[i] for i in data.val_idx] != list(expected):
         raise InatError(f"The validation split rebuilt from '{root}/train' differs from the run's, so no temperature "
                         f"can be fitted; the train folder changed since training.")
-    logits = predictor.logits(data.images[data.val_idx], batch_size=int(cfg.train.eval_batch_size))
+    logits = predictor.logits(data.images[data.val_idx], tta=tta, batch_size=int(cfg.train.eval_batch_size))
     return logits, data.labels[data.val_idx]
 
 
