@@ -214,3 +214,57 @@ def test_report_shows_the_curve_and_the_coverage_at_the_threshold(trained_run, t
     assert f"{100 * rejection['val_coverage']:.1f}%" in html
     empty = rejection_section([Run(RunRecord(tmp_path, None, test={"accuracy": 0.5}))])
     assert "No test.json with a rejection section" in empty and "<img" not in empty
+
+
+# --------------------------------------------------------------------------- a class the model never saw
+
+KNOWN = {"red": (210, 30, 30), "green": (30, 210, 30), "blue": (30, 30, 210)}
+NEVER_SEEN = (100, 100, 100)  # grey: no known class's colour; the centre of the three
+MIN_REJECTED = 0.8  # of the never-seen class's images answered unknown
+MIN_KEPT = 0.9  # of new images of the known classes kept (not unknown)
+
+
+def colour_images(folder: Path, colour, n: int, seed: int, size: int = 40) -> Path:
+    """``n`` PNGs of one colour at a random brightness (75-100%) with strong per-pixel noise."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = np.asarray(colour, dtype=np.float32) * rng.uniform(0.75, 1.0) + rng.normal(0, 70, (size, size, 3))
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{seed}_{i}.png")
+    return folder
+
+
+def test_a_class_never_seen_is_mostly_unknown_and_known_classes_mostly_kept(tmp_path):
+    """Three colours trained on; grey images, a class the model never saw, must mostly be rejected.
+
+    300 training images per class make the first epoch already a trained model (best.pt is the
+    first epoch at the best validation accuracy, which these classes reach at once); a
+    constant learning rate without warm-up gives that epoch its full steps.
+    """
+    from omegaconf import OmegaConf
+
+    from inat.config import Config
+    from inat.predict import predict_images
+    from inat.training import fit
+
+    root = tmp_path / "data"
+    for k, (name, colour) in enumerate(KNOWN.items()):
+        colour_images(root / "train" / name, colour, 300, seed=100 + k)
+        colour_images(root / "val" / name, colour, 10, seed=200 + k)  # the test set: new images of known classes
+    never_seen = colour_images(tmp_path / "grey", NEVER_SEEN, 20, seed=400)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(
+        [f"data.root={root}", *FAST, "train.epochs=3", "optim.schedule=constant", "optim.warmup_epochs=0",
+         f"data.cache_dir={tmp_path / 'cache'}"]))
+    torch.set_num_threads(1)
+    fit(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert load_checkpoint(ckpt)["reject_threshold"] is not None
+    known = predict_images(ckpt, [root / "val"], tmp_path / "known", echo=False, reject=True, workers=1)
+    unseen = predict_images(ckpt, [never_seen], tmp_path / "unseen", echo=False, reject=True, workers=1)
+    kept = 1 - known.unknown / len(known.records)
+    rejected = unseen.unknown / len(unseen.records)
+    print(f"never-seen class: {rejected:.0%} rejected; known classes: {kept:.0%} kept")
+    assert rejected >= MIN_REJECTED, f"only {rejected:.0%} of the never-seen class rejected"
+    assert kept >= MIN_KEPT, f"only {kept:.0%} of the known classes kept"
+    right = [r for r in known.records if not r["unknown"] and r["class"] == Path(r["path"]).parent.name]
+    assert len(right) >= MIN_KEPT * len(known.records)  # what is kept is also named right
