@@ -7,6 +7,12 @@ so accuracy is untouched and only the confidence moves. The fit belongs at the e
 training (on val, never on the test folder); its result is stored in the checkpoint under
 ``TEMPERATURE_KEY`` and read by test, predict and export.
 
+Saying "none of my classes": ``risk_coverage`` orders images by calibrated top-1 probability
+and gives, for each threshold, the share kept (coverage) and the accuracy of the kept
+(precision); ``choose_threshold`` picks, on the validation split, the smallest threshold whose
+kept set reaches a target precision. Its record is stored under ``REJECT_THRESHOLD_KEY`` and
+``REJECTION_KEY``; predict and detect's namer answer ``unknown`` below it.
+
 Every fit goes through ``choose_temperature``: T is bounded to ``[MIN_TEMPERATURE,
 MAX_TEMPERATURE]``, and a split of fewer than ``MIN_CALIBRATION_IMAGES`` images, or a fit that
 does not lower the validation NLL, keeps the raw softmax (T = None, with a note saying why).
@@ -39,6 +45,12 @@ MAX_TEMPERATURE = 20.0
 # 20 is the smallest split in which a 10% error rate still shows at least two mistakes, so no
 # single image decides T; real runs validate on hundreds of images and are far above it.
 MIN_CALIBRATION_IMAGES = 20
+# Checkpoint and summary.json keys of the rejection threshold: REJECT_THRESHOLD_KEY a float in
+# (0, 1] or None (no threshold reached the target; REJECTION_KEY's note says so); REJECTION_KEY
+# the whole record. Both absent in checkpoints from before rejection.
+REJECT_THRESHOLD_KEY = "reject_threshold"
+REJECTION_KEY = "rejection"
+CURVE_POINTS = 100  # the most (coverage, precision) points a stored curve keeps
 
 
 def _as_tensors(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,3 +227,109 @@ def reliability_diagram(curves: Dict[str, Any], labels: Any, out: Path, bins: in
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def _kept_groups(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct top-1 probability t, highest first: (t, images with confidence >= t, right among them)."""
+    p, y = _as_tensors(probs, labels)
+    if len(y) == 0:
+        return np.zeros(0), np.zeros(0, dtype=int), np.zeros(0, dtype=int)
+    conf, pred = p.max(1)
+    order = np.argsort(-conf.numpy(), kind="stable")
+    conf, right = conf.numpy()[order], (pred == y).numpy()[order]
+    # The last image of each run of equal confidences closes a group: ties are kept or dropped together.
+    last = np.flatnonzero(np.append(conf[1:] != conf[:-1], True))
+    return conf[last], last + 1, np.cumsum(right)[last]
+
+
+def risk_coverage(probs: Any, labels: Any, points: int = CURVE_POINTS) -> Dict[str, Any]:
+    """The risk-coverage curve of top-1 confidence: keep the images whose top-1 probability is at
+    least a threshold, for every threshold the images offer.
+
+    Returns ``{n, threshold, coverage, precision, aurc}``: the three lists run from the highest
+    threshold to the lowest (coverage rising to 1), thinned to at most ``points`` evenly spaced
+    thresholds (the first and last always kept); ``coverage`` is the share of images kept,
+    ``precision`` the accuracy of the kept. ``aurc`` is the area under the risk (1 - precision)
+    against coverage, from every threshold (not the thinned ones): the mean risk over the
+    coverages, 0 when every kept set is right. Images of equal confidence are kept together.
+    """
+    threshold, kept, right = _kept_groups(probs, labels)
+    n = int(kept[-1]) if len(kept) else 0
+    if n == 0:
+        return {"n": 0, "threshold": [], "coverage": [], "precision": [], "aurc": None}
+    coverage, precision = kept / n, right / kept
+    aurc = float(np.sum(np.diff(np.concatenate([[0.0], coverage])) * (1.0 - precision)))
+    shown = np.unique(np.linspace(0, len(kept) - 1, min(len(kept), max(2, points))).round().astype(int))
+    return {"n": n, "threshold": [round(float(v), 6) for v in threshold[shown]],
+            "coverage": [round(float(v), 6) for v in coverage[shown]],
+            "precision": [round(float(v), 6) for v in precision[shown]], "aurc": round(aurc, 6)}
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """What ``choose_threshold`` decided: the threshold (None = none reaches the target) and its numbers on the split."""
+
+    target_precision: float
+    threshold: Optional[float]
+    coverage: Optional[float]  # share of the split kept at the threshold
+    precision: Optional[float]  # accuracy of the kept
+    n: int
+    note: str
+
+
+def choose_threshold(probs: Any, labels: Any, target_precision: float) -> ThresholdChoice:
+    """The smallest top-1 probability threshold whose kept set (confidence >= threshold) is at
+    least ``target_precision`` accurate on these images (the validation split), with the
+    coverage it gives; the largest coverage that reaches the target, since precision need not
+    rise with the threshold. None, with a note saying why, when no threshold reaches it (the note
+    names the best precision seen) or the split has fewer than ``MIN_CALIBRATION_IMAGES`` images.
+    """
+    threshold, kept, right = _kept_groups(probs, labels)
+    target = float(target_precision)
+    n = int(kept[-1]) if len(kept) else 0
+    if n < MIN_CALIBRATION_IMAGES:
+        # A precision is a share of the kept: on a handful of images one mistake moves it by tens of points.
+        return ThresholdChoice(target, None, None, None, n, f"no rejection threshold: {n} validation images are fewer "
+                                                            f"than {MIN_CALIBRATION_IMAGES}, too few to measure a precision")
+    precision = right / kept
+    reached = np.flatnonzero(precision >= target)
+    if not len(reached):
+        best = int(np.argmax(precision))
+        return ThresholdChoice(target, None, None, None, n,
+                               f"no rejection threshold: no threshold reaches precision {target:.3f} on the {n} "
+                               f"validation images (the best is {precision[best]:.3f}, keeping {kept[best]})")
+    i = int(reached[-1])
+    coverage = float(kept[i] / n)
+    return ThresholdChoice(target, float(threshold[i]), coverage, float(precision[i]), n,
+                           f"reject threshold {threshold[i]:.4f}: precision {precision[i]:.3f} (target {target:.3f}) "
+                           f"keeping {kept[i]} of {n} validation images ({coverage:.1%})")
+
+
+def coverage_at(probs: Any, labels: Any, threshold: float) -> tuple[float, Optional[float]]:
+    """``(coverage, precision)`` of keeping the images whose top-1 probability is at least
+    ``threshold``: the share kept and their accuracy (None when nothing is kept)."""
+    p, y = _as_tensors(probs, labels)
+    if len(y) == 0:
+        return 0.0, None
+    conf, pred = p.max(1)
+    kept = conf >= float(threshold)
+    return float(kept.double().mean()), (float((pred[kept] == y[kept]).double().mean()) if kept.any() else None)
+
+
+def threshold_record(choice: Optional[ThresholdChoice], **facts: Any) -> Dict[str, Any]:
+    """The keys a checkpoint and ``summary.json`` record for ``choice`` (None: nothing was chosen).
+
+    ``facts`` (how the probabilities were made: ``temperature``, ``tta_flip``) join the record.
+    """
+    if choice is None:
+        return {REJECT_THRESHOLD_KEY: None}
+    record = {"target_precision": choice.target_precision, "threshold": choice.threshold,
+              "val_coverage": choice.coverage, "val_precision": choice.precision, "n_val": choice.n,
+              "note": choice.note, **facts}
+    return {REJECT_THRESHOLD_KEY: choice.threshold, REJECTION_KEY: record}
+
+
+def checkpoint_threshold(state: Dict[str, Any]) -> Optional[float]:
+    """The checkpoint's rejection threshold, or None (none reached the target, or an older checkpoint)."""
+    value = state.get(REJECT_THRESHOLD_KEY)
+    return None if value is None else float(value)

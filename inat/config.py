@@ -213,6 +213,10 @@ class PredictConfig:
     batch_size: int = 64
     workers: int = 0  # decode threads; 0 = min(8, CPUs this process may use)
     calibrated: bool = True  # divide logits by the checkpoint's fitted temperature; false = raw softmax
+    # Training's end stores the smallest calibrated top-1 probability whose kept validation images
+    # reach this precision; with reject=true, predict and detect's namer say "unknown" below it.
+    target_precision: float = 0.95
+    reject: bool = False
 
 
 @dataclass
@@ -318,6 +322,7 @@ RANGES: Dict[str, str] = {
     "sweep.prune_warmup_epochs": "[0, inf)", "sweep.prune_min_trials": "[0, inf)", "sweep.budget_minutes": "[0, inf)",
     "sweep.max_trials": "[0, inf)", "sweep.heartbeat_seconds": "(0, inf)", "sweep.retries": "[0, inf)",
     "predict.top_k": "[1, inf)", "predict.batch_size": "[1, inf)", "predict.workers": "[0, inf)",
+    "predict.target_precision": "(0, 1]",
     "export.verify_images": "[1, inf)", "export.opset": "[7, 23]", "export.tolerance": "(0, inf)",
     "export.max_drop": "[0, 1]", "export.calibration_images": "[1, inf)",
     "detect.conf": "[0, 1]", "detect.iou": "[0, 1]", "detect.size": "[32, 4096]", "detect.loiter_frames": "[1, inf)",

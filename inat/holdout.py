@@ -8,7 +8,8 @@ with accuracy, top-k, per-class recall and F1, macro-F1, and calibration (ECE, N
 before and after temperature scaling, a reliability diagram in ``reliability.png``). The
 temperature is the checkpoint's; a checkpoint without one gets it fitted here on the run's
 validation split (rebuilt from train/ and checked against the checkpoint's hashes), never
-on the test folder.
+on the test folder. ``rejection`` holds the risk-coverage curve of the calibrated top-1
+probability and what the threshold chosen on validation keeps of the test set.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from inat.calibration import REJECTION_KEY, apply_temperature, checkpoint_threshold, coverage_at, risk_coverage
 from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check_leakage re-exported
 from inat.errors import InatError
 from inat.predictor import Predictor
@@ -54,8 +56,11 @@ def top_k_accuracy(logits: torch.Tensor, labels: np.ndarray, ks: Tuple[int, ...]
 
 
 def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: torch.device,
-                      progress: bool = False, precision: str = "auto") -> Tuple[torch.Tensor, np.ndarray]:
+                      progress: bool = False, precision: str = "auto",
+                      tta: Optional[bool] = None) -> Tuple[torch.Tensor, np.ndarray]:
     """Logits and labels of the run's validation split, rebuilt from train/ (never the test folder).
+
+    ``tta`` None scores with the run's ``aug.tta_flip`` (as test mode does); False without the flip.
 
     The split is recomputed from the checkpoint's config (stratified, seeded) and must hash
     to the images the run validated on; otherwise InatError, since a temperature fitted on
@@ -66,7 +71,7 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
     predictor = Predictor.from_state(state, model=model, device=device, precision=precision)
     data = checkpoint_split(state, predictor.spec, "no temperature can be fitted", progress=progress)
     cfg = OmegaConf.create(state["config"])
-    logits = predictor.logits(data.images[data.val_idx], batch_size=int(cfg.train.eval_batch_size))
+    logits = predictor.logits(data.images[data.val_idx], tta=tta, batch_size=int(cfg.train.eval_batch_size))
     return logits, data.labels[data.val_idx]
 
 
@@ -128,6 +133,9 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
     result.update(class_scores(confusion, classes))
     temperature = checkpoint_or_val_temperature(state, predictor.model, predictor.device, precision)
     result.update(calibration_section(logits, y, *temperature, Path(out_dir)))
+    # The threshold was chosen on logits without the flip (what predict computes by default).
+    plain = predictor.logits(cache.images, tta=False, batch_size=batch_size) if predictor.tta_flip else logits
+    result[REJECTION_KEY] = rejection_section(state, plain, y, temperature[0])
     write_json(Path(out_dir) / TEST, result)
     return result
 
@@ -147,3 +155,28 @@ def calibration_section(logits: torch.Tensor, labels: np.ndarray, temperature: O
     reliability_diagram(curves, labels, out_dir / RELIABILITY, title="Test reliability")
     return {**(after or before), "calibration": {"bins": ECE_BINS, "temperature": temperature, "temperature_source": source,
                                                  "before": before, "after": after, "figure": RELIABILITY}}
+
+
+def rejection_section(state: Dict[str, Any], logits: torch.Tensor, labels: np.ndarray,
+                      temperature: Optional[float]) -> Dict[str, Any]:
+    """test.json's ``rejection``: the risk-coverage curve of the calibrated top-1 probability on the
+    test set, and the coverage and precision there at the threshold chosen on validation.
+
+    ``logits`` are without the flip, as the threshold was chosen; ``temperature`` is the one
+    test mode settled on. A checkpoint without a threshold still gets the curve, and the
+    section says why there is no threshold.
+    """
+    probs = apply_temperature(logits, temperature).softmax(dim=1)  # Predictor.probabilities_of's arithmetic
+    stored = state.get(REJECTION_KEY) or {}
+    threshold = checkpoint_threshold(state)
+    section = {"curve": risk_coverage(probs, labels), "temperature": temperature, "tta_flip": False,
+               "threshold": threshold, "target_precision": stored.get("target_precision"),
+               "val_coverage": stored.get("val_coverage"), "val_precision": stored.get("val_precision")}
+    if threshold is None:
+        section["note"] = stored.get("note") or "the checkpoint stores no rejection threshold (trained before them)"
+        return section
+    coverage, precision = coverage_at(probs, labels, threshold)
+    section.update(coverage=coverage, precision=precision,
+                   note=f"at the validation threshold {threshold:.4f}: {coverage:.1%} of the test images kept, "
+                        f"precision {'-' if precision is None else f'{precision:.1%}'}")
+    return section

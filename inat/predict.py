@@ -25,7 +25,7 @@ from inat.data.folder import IMAGE_EXTENSIONS
 from inat.errors import InatError
 from inat.inference import Preprocess
 from inat.models import ModelSpec
-from inat.predictor import Predictor
+from inat.predictor import UNKNOWN, Predictor
 from inat.run_folder import PREDICTIONS
 from inat.runs import atomic_open, usable_cpus
 
@@ -40,6 +40,12 @@ class PredictResult:
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
     path: Optional[Path] = None
     temperature: Optional[float] = None  # the T probabilities were divided by; None = raw softmax
+    reject_threshold: Optional[float] = None  # with predict.reject: below it an image is "unknown"
+
+    @property
+    def unknown(self) -> int:
+        """How many images were answered ``unknown``."""
+        return sum(1 for r in self.records if r.get("unknown"))
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> List[Path]:
@@ -105,24 +111,40 @@ def iter_decoded(paths: Sequence[Path], spec: ModelSpec, batch_size: int, worker
             yield good, batch, bad
 
 
-def top_k_record(path: Path, top: Sequence[Tuple[str, float]]) -> Dict[str, Any]:
+def top_k_record(path: Path, top: Sequence[Tuple[str, float]], unknown: Optional[bool] = None) -> Dict[str, Any]:
     """One JSONL object: ``path``, ``class`` and ``probability`` of the top class, ``top_k`` list.
 
     ``top`` is one row of ``Predictor.top_k``: ``(class, probability)`` pairs, best first.
+    ``unknown`` (predict.reject only) adds the key: when True, ``class`` is ``unknown`` and
+    ``guess`` holds the top class (``probability`` stays its probability).
     """
     rows = [{"class": name, "probability": round(p, 6)} for name, p in top]
-    return {"path": str(path), "class": rows[0]["class"], "probability": rows[0]["probability"], "top_k": rows}
+    record = {"path": str(path), "class": rows[0]["class"], "probability": rows[0]["probability"], "top_k": rows}
+    if unknown is not None:
+        record["unknown"] = bool(unknown)
+    if unknown:
+        record.update({"class": UNKNOWN, "guess": rows[0]["class"]})
+    return record
+
+
+def record_line(record: Dict[str, Any]) -> str:
+    """The printed line of one record: its top-k classes, or ``unknown`` with the top guess."""
+    if record.get("unknown"):
+        return f"{record['path']}: {UNKNOWN} (top guess {record['guess']} {record['probability']:.3f})"
+    return f"{record['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in record["top_k"])
 
 
 def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: Path, *, top_k: int = 3,
                    tta: bool = False, batch_size: int = 64, workers: int = 0, echo: bool = True,
-                   precision: str = "auto", calibrated: bool = True) -> PredictResult:
+                   precision: str = "auto", calibrated: bool = True, reject: bool = False) -> PredictResult:
     """Score every image under ``inputs`` with the checkpoint and write ``predictions.jsonl``.
 
     Prints each image's top-k classes (when ``echo``) and one warning line per unreadable
     file. The JSONL is written to a temp name and renamed at the end, so an interrupted run
-    leaves no partial file. Raises InatError for a missing input, no images found, or no
-    image readable; otherwise the result lists the records and the skipped files.
+    leaves no partial file. With ``reject``, an image whose calibrated top-1 probability is
+    below the checkpoint's rejection threshold is answered ``unknown`` (with its top guess).
+    Raises InatError for a missing input, no images found, no image readable, or ``reject``
+    without a stored threshold; otherwise the result lists the records and the skipped files.
     """
     from tqdm import tqdm
 
@@ -137,10 +159,11 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     # The process's policy (fp32 unless the hardware has native bf16/fp16): emulated bf16 on
     # a CPU is slower than fp32, and native half precision never flips a clear top class.
     predictor = Predictor.from_checkpoint(ckpt, precision=precision, calibrated=calibrated)
+    threshold = predictor.require_threshold() if reject else None  # before anything is decoded or written
     workers = workers or min(8, usable_cpus())
 
     final = Path(out_dir) / PREDICTIONS
-    result = PredictResult(temperature=predictor.applied_temperature)
+    result = PredictResult(temperature=predictor.applied_temperature, reject_threshold=threshold)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=len(paths) <= batch_size, mininterval=1.0)
     try:
         # atomic_open: a read-only or full output folder is one sentence, and no torn file stays.
@@ -151,13 +174,13 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                     bar.write(f"warning: skipped '{path}' ({reason})", file=sys.stderr)
                 if len(good):
                     probs = predictor.probabilities(images, tta=tta, batch_size=batch_size)
-                    for path, top in zip(good, predictor.top_k(probs, top_k)):
-                        record = top_k_record(path, top)
+                    unknown = predictor.rejected(probs).tolist() if reject else [None] * len(good)
+                    for path, top, no in zip(good, predictor.top_k(probs, top_k), unknown):
+                        record = top_k_record(path, top, no)
                         result.records.append(record)
                         fh.write(json.dumps(record) + "\n")
                         if echo:
-                            shown = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in record["top_k"])
-                            bar.write(f"{path}: {shown}")
+                            bar.write(record_line(record))
                 bar.update(len(good) + len(bad))
             bar.close()
             if not result.records:

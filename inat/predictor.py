@@ -24,11 +24,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from inat.calibration import apply_temperature, checkpoint_temperature
+from inat.calibration import REJECTION_KEY, apply_temperature, checkpoint_temperature, checkpoint_threshold
 from inat.checkpoint import load_checkpoint
 from inat.errors import InatError
 from inat.inference import Precision, Preprocess, batched_logits, pick_device, process_precision
 from inat.models import InatModel, ModelSpec, model_from_state
+
+UNKNOWN = "unknown"  # what predict and detect's namer answer below the rejection threshold
 
 
 @dataclass
@@ -103,6 +105,29 @@ class Predictor:
     def applied_temperature(self) -> Optional[float]:
         """The T :meth:`probabilities` divides by: the checkpoint's when ``calibrated``, else None (raw softmax)."""
         return self.temperature if self.calibrated else None
+
+    @property
+    def reject_threshold(self) -> Optional[float]:
+        """The calibrated top-1 probability below which an image is ``unknown``, chosen on the run's
+        validation split at training's end; None when none reached the target or the checkpoint predates it."""
+        return checkpoint_threshold(self.state)
+
+    def require_threshold(self) -> float:
+        """:attr:`reject_threshold`, or InatError when the checkpoint stores none or the probabilities
+        are the raw softmax of a calibrated checkpoint (the threshold is a calibrated probability)."""
+        threshold = self.reject_threshold
+        if threshold is None:
+            why = (self.state.get(REJECTION_KEY) or {}).get("note") or "it was trained before rejection thresholds existed"
+            raise InatError(f"Checkpoint '{self.path}' stores no rejection threshold ({why}), so predict.reject=true "
+                            f"cannot say 'unknown'; retrain it, or leave predict.reject at false.")
+        if self.temperature is not None and not self.calibrated:
+            raise InatError("predict.reject=true compares calibrated probabilities with the checkpoint's threshold; "
+                            "drop predict.calibrated=false.")
+        return threshold
+
+    def rejected(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: rows of ``probs`` whose top-1 probability is below :meth:`require_threshold`'s threshold."""
+        return probs.max(dim=1).values < self.require_threshold()
 
     def decode(self, paths: Sequence[str | os.PathLike], workers: int = 2) -> np.ndarray:
         """Image files to (N, S, S, 3) uint8 with the checkpoint's preprocessing; a bad file raises InatError."""

@@ -111,6 +111,9 @@ class Summary:
     # temperature scaling fitted on the validation split (None: the raw softmax is kept, note says why)
     temperature: Optional[float] = None
     temperature_note: Optional[str] = None
+    # the rejection threshold chosen on the validation split (None: none reached the target; see rejection)
+    reject_threshold: Optional[float] = None
+    rejection: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -126,7 +129,8 @@ class Summary:
         """The JSON object, ``extra`` merged in; unset optional keys of newer writers are left out."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         for key in ("steps", "precision", "precision_reason", "input", "first_epoch_images_per_sec",
-                    "steady_images_per_sec", "class_counts", "imbalance_ratio", "imbalanced", "temperature_note"):
+                    "steady_images_per_sec", "class_counts", "imbalance_ratio", "imbalanced", "temperature_note",
+                    "rejection"):
             if out[key] is None:
                 del out[key]
         return {**self.extra, **out}

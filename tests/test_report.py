@@ -206,14 +206,14 @@ def test_report_answers_in_the_assignment_order(inputs, budget_sweep, tmp_path):
     out = tmp_path / "r.html"
     build_report([str(scratch), str(sweep), str(tuned), str(budget_sweep)], out, tmp_path / "w", explain=False)
     text = out.read_text()
-    order = [text.index(f'id="{key}"') for key in ("q1", "q2", "q3", "q4", "part-b", "part-c", "provenance",
-                                                    "all-runs")]
+    order = [text.index(f'id="{key}"') for key in ("q1", "q2", "q3", "q4", "rejection", "part-b", "part-c",
+                                                    "provenance", "all-runs")]
     assert order == sorted(order)
     assert text.index("<h1>") < order[0] < 2000  # the first screen answers Q1
     appendix = text[order[-1]:]
     assert text.count("woof/1<") == 1 and "woof/1<" in appendix  # each trial once, in the appendix
     # Provenance: one row per recorded environment of the sweep (trial 0 recorded none, trial 1 a GPU machine).
-    assert text[order[6]:order[7]].count("sweep woof (1 trial)") == 2
+    assert text[order[7]:order[8]].count("sweep woof (1 trial)") == 2
 
 
 def test_provenance_reads_the_runs_own_environment(budget_sweep):

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -126,23 +126,38 @@ def iter_frames(kind: str, path: Path, files: List[Path],
         capture.release()
 
 
+class Species(NamedTuple):
+    """A detected animal's name from the classifier: ``unknown`` (with ``guess``) below the rejection threshold."""
+
+    name: str
+    score: float  # the calibrated probability of the top class
+    guess: Optional[str] = None  # the top class when ``name`` is unknown
+
+
 class SpeciesNamer:
     """Names crops of detected animals with an inat classifier checkpoint (``detect.classify``).
 
     The checkpoint's ``Predictor``: its device, precision, preprocessing (size, interpolation,
     crop_pct, as in test mode) and calibrated probabilities when the run fitted a temperature.
+    With ``reject`` (``predict.reject=true``) a crop below the checkpoint's rejection threshold
+    is named ``unknown``; a checkpoint without a threshold is refused here, before any frame.
     """
 
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoint: str, reject: bool = False) -> None:
         # Imported here: the classifier stack is only needed when this option is used.
         from inat.predictor import Predictor
 
         if not Path(checkpoint).is_file():
             raise InatError(f"Classifier checkpoint {checkpoint} (detect.classify) does not exist.")
         self.predictor = Predictor.from_checkpoint(checkpoint)
+        self.reject = reject
+        if reject:
+            self.predictor.require_threshold()
 
-    def name(self, image_rgb: np.ndarray, boxes: Sequence[Tuple[float, float, float, float]]) -> List[Tuple[str, float]]:
-        """(class name, probability) for each box's crop of the ``(H, W, 3)`` RGB image."""
+    def name(self, image_rgb: np.ndarray, boxes: Sequence[Tuple[float, float, float, float]]) -> List[Species]:
+        """The :class:`Species` of each box's crop of the ``(H, W, 3)`` RGB image."""
+        from inat.predictor import UNKNOWN
+
         if not boxes:
             return []
         crops = []
@@ -150,7 +165,9 @@ class SpeciesNamer:
             crop = image_rgb[int(y1):max(int(y1) + 1, int(round(y2))), int(x1):max(int(x1) + 1, int(round(x2)))]
             crops.append(self.predictor.preprocess.array(crop))  # (S, S, 3) uint8
         probs = self.predictor.probabilities(np.stack(crops), tta=False)
-        return [(top[0][0], round(top[0][1], 4)) for top in self.predictor.top_k(probs, 1)]
+        unknown = self.predictor.rejected(probs).tolist() if self.reject else [False] * len(boxes)
+        return [Species(UNKNOWN, round(top[0][1], 4), top[0][0]) if no else Species(top[0][0], round(top[0][1], 4))
+                for top, no in zip(self.predictor.top_k(probs, 1), unknown)]
 
 
 def draw(image_bgr: np.ndarray, detections: Sequence[Detection], watched: set, labels: Dict[int, str],
@@ -181,7 +198,7 @@ def draw(image_bgr: np.ndarray, detections: Sequence[Detection], watched: set, l
     return out
 
 
-def _event(frame: Frame, det: Detection, kind: str, track: Track, species: Optional[Tuple[str, float]]) -> Dict[str, Any]:
+def _event(frame: Frame, det: Detection, kind: str, track: Track, species: Optional[Species]) -> Dict[str, Any]:
     event: Dict[str, Any] = {
         "source": frame.source,
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -195,12 +212,16 @@ def _event(frame: Frame, det: Detection, kind: str, track: Track, species: Optio
         "frames_in_view": track.frames,
     }
     if species is not None:
-        event["species"], event["species_score"] = species
+        event["species"], event["species_score"] = species.name, species.score
+        if species.guess is not None:
+            event["species_guess"] = species.guess
     return event
 
 
-def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
+def watch(detect_cfg: Any, out_dir: Path, reject: bool = False) -> Dict[str, Any]:
     """Run the watcher over ``detect_cfg.inputs``; write outputs into ``out_dir``; return ``detect.json``'s content.
+
+    ``reject`` (``predict.reject``): the species namer says ``unknown`` below its checkpoint's threshold.
 
     ``detect_cfg`` is the ``detect`` section of the config (``DetectConfig``). Events:
     one "detection" per watched object per frame, and one "loitering" when a tracked
@@ -214,7 +235,7 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
     if int(detect_cfg.loiter_frames) < 1:
         raise InatError(f"detect.loiter_frames must be at least 1, got {detect_cfg.loiter_frames}.")
     sources = find_sources(list(detect_cfg.inputs))
-    namer = SpeciesNamer(str(detect_cfg.classify)) if detect_cfg.classify else None
+    namer = SpeciesNamer(str(detect_cfg.classify), reject=reject) if detect_cfg.classify else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
@@ -248,7 +269,7 @@ def watch(detect_cfg: Any, out_dir: Path) -> Dict[str, Any]:
                             alerts.append(event)
                         if track.alerted:
                             loitering.add(index)
-                        name = f"{species[index][0]} ({det.name})" if index in species else det.name
+                        name = f"{species[index].name} ({det.name})" if index in species else det.name
                         labels[index] = f"{name} {det.score:.2f}" + (f" LOITERING {track.frames}f" if track.alerted else "")
                     log.flush()
                     when = f" t={frame.video_seconds:.1f}s" if frame.video_seconds is not None else ""

@@ -8,5 +8,5 @@ from typing import Any
 def run(cfg: Any, out_dir: Path) -> None:
     from inat.detect import print_summary, watch
 
-    summary = watch(cfg.detect, Path(out_dir))
+    summary = watch(cfg.detect, Path(out_dir), reject=bool(cfg.predict.reject))
     print_summary(summary, Path(out_dir))

@@ -11,7 +11,9 @@ def run(cfg: Any, out_dir: Path) -> None:
     p = cfg.predict
     result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=int(p.top_k), tta=bool(p.tta),
                             batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision,
-                            calibrated=bool(p.calibrated))
+                            calibrated=bool(p.calibrated), reject=bool(p.reject))
     skipped = f"; skipped {len(result.skipped)} unreadable file(s)" if result.skipped else ""
+    unknown = (f"; {result.unknown} unknown (below the threshold {result.reject_threshold:.3f})"
+               if result.reject_threshold is not None else "")
     calibration = f"calibrated, T={result.temperature:.2f}" if result.temperature is not None else "raw softmax"
-    print(f"scored {len(result.records)} image(s){skipped} ({calibration}); wrote {result.path}")
+    print(f"scored {len(result.records)} image(s){skipped}{unknown} ({calibration}); wrote {result.path}")

@@ -19,6 +19,9 @@ def print_test(result: Dict[str, Any]) -> None:
         after = f", after T={cal['temperature']:.2f} {cal['after']['ece']:.1%}" if cal.get("after") else ""
         f1 = "-" if result.get("macro_f1") is None else f"{result['macro_f1']:.3f}"
         print(f"macro-F1 {f1}; ECE ({cal['bins']} bins) {cal['before']['ece']:.1%}{after}")
+    rejection = result.get("rejection")
+    if rejection:
+        print(f"rejection: {rejection['note']}")
     for name, acc in result["per_class_accuracy"].items():
         print(f"  {name:<24} {'-' if acc is None else f'{acc:.1%}'}")
 

@@ -75,6 +75,7 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
     from inat.report.collect import best_run, collect
     from inat.report.html import page
     from inat.report.provenance import run_provenance, this_machine
+    from inat.report.rejection import rejection_section
     from inat.report.repeats import repeats_section
 
     from inat.runs import atomic_open
@@ -102,6 +103,7 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
         sections.sweep_plots_section(sweeps, _sweep_figures(sweeps)),
         sections.observations_section(sweeps),
         sections.best_model_section(best, explained, explain_dir, curves),
+        rejection_section(trained),
         sections.finetune_section(trained, best, chart,
                                   _gradcam_best_tuned(best_run(trained, scratch=False), work_dir, explain)),
         repeats_section(trained),

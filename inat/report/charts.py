@@ -1,8 +1,8 @@
-"""The report's own small charts (PNG bytes): learning curves and the run comparison."""
+"""The report's own small charts (PNG bytes): learning curves, the run comparison, risk-coverage."""
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def _png(fig) -> bytes:
@@ -66,4 +66,29 @@ def compare_runs(names: Sequence[str], val: Sequence[Optional[float]], test: Seq
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def risk_coverage(curves: Dict[str, Dict], marks: Dict[str, Tuple[float, float]], title: str) -> bytes:
+    """Precision of the kept images against the share kept (coverage), one line per ``name -> curve``
+    (test.json's ``rejection.curve``), with each ``marks[name] = (coverage, precision)`` at the
+    validation-chosen threshold as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for name, curve in curves.items():
+        line, = ax.plot([100 * c for c in curve["coverage"]], [100 * p for p in curve["precision"]], label=name)
+        if name in marks:
+            coverage, precision = marks[name]
+            ax.plot([100 * coverage], [100 * precision], "o", color=line.get_color(), ms=6,
+                    label=f"{name}: threshold ({100 * coverage:.1f}% kept)")
+    ax.set_xlabel("coverage: test images kept (%)")
+    ax.set_ylabel("precision of the kept (%)")
+    ax.set_xlim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
     return _png(fig)

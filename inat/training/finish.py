@@ -1,8 +1,8 @@
 """Finishing a training run: the checkpoint's contents, temperature scaling and the summary.
 
 ``fit`` (``inat.training.loop``) asks :func:`checkpoint_state` for what every checkpoint holds,
-then, after the last epoch, :func:`fit_temperature` calibrates ``best.pt`` on the validation
-split and :func:`run_summary` builds the ``summary.json`` the writer puts down last.
+then, after the last epoch, :func:`calibrate` fits the temperature and the rejection threshold
+of ``best.pt`` on the validation split and :func:`run_summary` builds the ``summary.json`` the writer puts down last.
 """
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
+import torch
 
-from inat.calibration import TemperatureChoice, choose_temperature, temperature_record
+from inat.calibration import apply_temperature, choose_temperature, choose_threshold, temperature_record, threshold_record
 from inat.checkpoint import load_checkpoint
 from inat.run_folder import BEST, LAST, Summary
 from inat.runs import world
@@ -30,12 +31,14 @@ def checkpoint_state(s: Setup) -> Dict[str, Any]:
             "split_sha1": {"train": [data.sha1[i] for i in data.train_idx], "val": [data.sha1[i] for i in data.val_idx]}}
 
 
-def fit_temperature(s: Setup, run_dir: Path) -> TemperatureChoice:
-    """Temperature scaling of the best checkpoint on the validation split (never the test folder).
+def calibrate(s: Setup, run_dir: Path) -> Dict[str, Any]:
+    """Temperature scaling and the rejection threshold of the best checkpoint, on the validation
+    split (never the test folder); returns the record stored in best.pt, last.pt and summary.json.
 
     The full model runs on the validation images whatever the training input was (cached
-    features or prefix views give no logits of the saved model); T is stored in best.pt and
-    last.pt, so predict, export, explain and detect report calibrated probabilities.
+    features or prefix views give no logits of the saved model). T is fitted on the logits test
+    mode scores with (the run's ``aug.tta_flip``); the threshold (``predict.target_precision``)
+    on the calibrated probabilities predict computes by default: without the flip.
     """
     from inat.checkpoint import save_checkpoint
     from inat.inference import batched_logits
@@ -43,20 +46,30 @@ def fit_temperature(s: Setup, run_dir: Path) -> TemperatureChoice:
 
     best = load_checkpoint(run_dir / BEST)
     model = model_from_state(best).to(s.device)
-    spec = model.spec
-    logits = batched_logits(model, np.asarray(s.data.images[s.data.val_idx]), spec.mean, spec.std, s.precision,
-                            batch_size=int(s.cfg.train.eval_batch_size), tta_flip=bool(s.cfg.aug.tta_flip),
-                            device=s.device, channels_last=False)
-    choice = choose_temperature(logits, s.data.labels[s.data.val_idx])  # may keep the raw softmax (T None)
+    spec, images, labels = model.spec, np.asarray(s.data.images[s.data.val_idx]), s.data.labels[s.data.val_idx]
+
+    def val_logits(tta_flip: bool) -> torch.Tensor:
+        return batched_logits(model, images, spec.mean, spec.std, s.precision, batch_size=int(s.cfg.train.eval_batch_size),
+                              tta_flip=tta_flip, device=s.device, channels_last=False)
+
+    tta = bool(s.cfg.aug.tta_flip)
+    logits = val_logits(tta)
+    choice = choose_temperature(logits, labels)  # may keep the raw softmax (T None)
+    plain = val_logits(False) if tta else logits
+    # Predictor.probabilities_of's arithmetic (float32), so predict compares the same numbers.
+    probs = apply_temperature(plain, choice.temperature).softmax(dim=1)
+    threshold = choose_threshold(probs, labels, float(s.cfg.predict.target_precision))
+    record = {**temperature_record(choice), **threshold_record(threshold, temperature=choice.temperature, tta_flip=False)}
     for name in (BEST, LAST):
         state = best if name == BEST else load_checkpoint(run_dir / name)
-        state.update(temperature_record(choice))
+        state.update(record)
         save_checkpoint({k: v for k, v in state.items() if k != "format"}, run_dir / name)
     s.writer.say(choice.note)
-    return choice
+    s.writer.say(threshold.note)
+    return record
 
 
-def run_summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[TemperatureChoice]) -> Summary:
+def run_summary(s: Setup, stop_reason: str, wall: float, calibration: Optional[Dict[str, Any]]) -> Summary:
     """The run's ``summary.json``: best and last accuracy, throughput, sizes, precision, environment, config."""
     from inat.data.balance import imbalance
 
@@ -76,4 +89,5 @@ def run_summary(s: Setup, stop_reason: str, wall: float, temperature: Optional[T
         classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
         world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
         environment=environment(s.device), config=s.writer.cfg_dict,
-        **imbalance(data.labels[data.train_idx], len(data.classes)), **temperature_record(temperature))
+        **imbalance(data.labels[data.train_idx], len(data.classes)),
+        **(calibration or {**temperature_record(None), **threshold_record(None)}))

@@ -30,7 +30,7 @@ from inat.training import distributed
 from inat.training.build import Setup, backend_flags, class_weight_tensor, loss_fn, restore_backends, setup
 from inat.training.collectives import sum_over_ranks
 from inat.training.data import SEED_AUG, epoch_order
-from inat.training.finish import checkpoint_state, fit_temperature, run_summary
+from inat.training.finish import calibrate, checkpoint_state, run_summary
 from inat.training.optim import lr_factor, set_lr
 from inat.training.preemption import StopSignals
 
@@ -281,8 +281,8 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable], cal
             if reason.startswith("pruned"):
                 s.writer.say(f"stopped early: {reason[len('pruned: '):]}")
             break
-    temperature = fit_temperature(s, run_dir) if rank == 0 and state["epoch"] > 0 else None
-    summary = run_summary(s, stop_reason, time.perf_counter() - t_start, temperature)
+    calibration = calibrate(s, run_dir) if rank == 0 and state["epoch"] > 0 else None
+    summary = run_summary(s, stop_reason, time.perf_counter() - t_start, calibration)
     s.writer.finish(summary)
     for callback in callbacks:
         callback.on_finish(s)
