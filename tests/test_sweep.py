@@ -372,3 +372,25 @@ def test_a_bad_dataset_stops_the_sweep_before_the_study_exists(tmp_path, env, ca
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert not sweep_dir.exists()
+
+
+@pytest.mark.parametrize("name", ["woof", "woof_random"])
+def test_fanova_importance_on_the_committed_sweeps(name):
+    """fANOVA itself (inat.sweep.fanova), not a fallback, on the committed trials.csv: shares of 1."""
+    from inat.sweep.analysis import load_sweep, param_importance
+
+    data = load_sweep(ROOT / "experiments" / "sweep" / name)
+    importance, note = param_importance(data)
+    assert note is not None and note.startswith("fANOVA") and "failed" not in note and "unavailable" not in note, note
+    assert set(importance) == set(data.param_names)
+    shares = np.array(list(importance.values()))
+    assert np.isfinite(shares).all() and (shares >= 0).all() and shares.sum() == pytest.approx(1.0)
+    assert shares.max() > 1.5 / len(shares)  # the forest found structure, not an even split
+
+
+def test_fanova_importance_with_no_variance_says_so():
+    """The promoted sweep's 2 trials tie (40.0% each): no importance, and a sentence saying why."""
+    from inat.sweep.analysis import load_sweep, param_importance
+
+    importance, note = param_importance(load_sweep(ROOT / "experiments" / "sweep" / "woof_promoted"))
+    assert importance == {} and "same val accuracy" in note

@@ -210,26 +210,24 @@ def correlations(data: SweepData) -> List[Dict[str, Any]]:
 
 
 def param_importance(data: SweepData) -> tuple[Dict[str, float], Optional[str]]:
-    """``optuna.importance.get_param_importances`` on the study, else on a study rebuilt from folders."""
+    """fANOVA importance (``optuna.importance.get_param_importances``) on the study, else on a
+    study rebuilt from the folders; importances are shares that sum to 1."""
     import optuna
 
+    from inat.sweep.fanova import FanovaEvaluator
+
     study = data.study
-    note = None
+    note = "fANOVA"
     try:
         if study is None:
-            study, note = study_from_folders(data), "study rebuilt from trial folders (" + (data.study_error or "no storage") + ")"
+            study = study_from_folders(data)
+            note += " on a study rebuilt from trial folders (" + (data.study_error or "no storage") + ")"
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if len(complete) < 2:
             return {}, "fewer than 2 complete trials: no importance"
-        try:
-            found = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-        except ValueError as err:
-            # Optuna 2.10's fANOVA trips on newer scikit-learn tree arrays ("setting an array
-            # element with a sequence"); mean decrease in impurity uses the same forest, still works.
-            found = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0))
-            note = ((note + "; ") if note else "") + f"fANOVA failed ({err.__class__.__name__}), mean decrease in impurity used"
+        if len({t.value for t in complete}) == 1:  # fANOVA's forest has no variance to share out
+            return {}, f"all {len(complete)} complete trials have the same val accuracy: no importance"
+        found = optuna.importance.get_param_importances(study, evaluator=FanovaEvaluator(seed=0))
         return {k: float(v) for k, v in found.items()}, note
     except Exception as err:  # noqa: BLE001 - importance is a bonus (it needs scikit-learn)
         return {}, f"Optuna importance unavailable: {type(err).__name__}: {err}"
