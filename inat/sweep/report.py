@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 from inat.errors import InatError
 from inat.run_folder import SWEEP_REPORT, SWEEP_REPORT_HTML
 from inat.runs import write_json
-from inat.sweep.analysis import SweepData, best_row, correlations, load_sweep, observations, reproduce_command
+from inat.sweep.analysis import SweepData, best_row, correlations, load_sweep, reproduce_command
+from inat.sweep.observations import observations
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
