@@ -291,11 +291,20 @@ def test_parallel_coordinates_log_axes_labels_and_colour_bar():
     lr, wd, units = axes["train.lr"], axes["optim.weight_decay"], axes["model.dense_units"]
     assert lr.log and wd.log and not units.log and not axes["act"].log
     assert max(lr.values) < 0 and len(lr.ticktext) >= 3 and "0.001" in lr.ticktext  # log10 values, middle levels
-    assert "0.0001" in wd.ticktext or "0.001" in wd.ticktext
+    assert "0.0001" in wd.ticktext and "0.001" in wd.ticktext
+    for log_axis in (lr, wd):  # a few distinct plain labels, not 1-2-5 on every decade (12 on weight decay)
+        assert 3 <= len(log_axis.ticktext) <= 6 and len(set(log_axis.ticktext)) == len(log_axis.ticktext)
+        assert not any("e" in t for t in log_axis.ticktext), log_axis.ticktext
+        assert all(min(log_axis.values) <= v <= max(log_axis.values) for v in log_axis.tickvals)
     assert units.ticktext == ["64", "128", "256"] and axes["act"].ticktext == ["gelu", "relu"]
     fig = parallel_figure(_sweep_data(rows, info))
     assert len(fig.axes) == 2  # the plot and its colour bar
     assert "val accuracy" in fig.axes[1].get_ylabel()
+    order = list(axes)
+    for name in ("train.lr", "optim.weight_decay"):  # the labels drawn beside each log axis
+        j = order.index(name)
+        drawn = [t.get_text() for t in fig.axes[0].texts if abs(t.get_position()[0] - (j - 0.03)) < 1e-9]
+        assert drawn == axes[name].ticktext
     plt.close(fig)
     fig = progress_figure(_sweep_data(rows, info))
     assert "pause" in " ".join(t.get_text() for t in fig.axes[0].texts) and max(fig.axes[0].get_xlim()) < 60
