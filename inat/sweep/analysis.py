@@ -1,4 +1,4 @@
-"""Numbers behind the sweep report: a trial table, correlations, Optuna importance.
+"""Numbers behind the sweep report: a trial table, correlations, fANOVA importance.
 
 Everything is computed from the trial folders (and the Optuna study when it can be opened);
 the observations built from these numbers are in :mod:`inat.sweep.observations`.
@@ -180,7 +180,7 @@ def is_numeric(values: Sequence[Any]) -> bool:
 
 
 def correlations(data: SweepData) -> List[Dict[str, Any]]:
-    """Per hyperparameter: association with val accuracy and val loss, plus Optuna importance."""
+    """Per hyperparameter: association with val accuracy and val loss, plus fANOVA importance."""
     rows = [r for r in data.trained if r.val_loss is not None]
     importance, importance_note = param_importance(data)
     out = []

@@ -96,7 +96,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}pre{{background:#f4f4f4;padding:8p
 <p>Correlation over trained trials (best val accuracy per trial; val loss at that epoch). Two-level keys: Spearman with the
 first level coded 0; numeric keys: Spearman; others: correlation ratio eta (0..1, no sign). Importance: fANOVA
 (Optuna's <code>get_param_importances</code>) on complete trials, shares that sum to 1.{(' ' + esc(note)) if note else ''}</p>
-<table><tr><th>hyperparameter</th><th>measure</th><th>trials</th><th>vs val accuracy</th><th>vs val loss</th><th>Optuna importance</th></tr>{corr_rows}</table>
+<table><tr><th>hyperparameter</th><th>measure</th><th>trials</th><th>vs val accuracy</th><th>vs val loss</th><th>fANOVA importance</th></tr>{corr_rows}</table>
 <h2>4. Best configuration</h2>{best_html}
 <h2>5. Observations</h2><ul>{obs}</ul>
 <h2>Trials</h2><table><tr><th>trial</th><th>state</th><th>best val acc (%)</th><th>epochs</th><th>train s</th><th>params</th></tr>{trials}</table>
