@@ -457,6 +457,7 @@ def test_committed_sweeps_state_effects_from_independent_trials():
     sweeps = ROOT / "experiments" / "sweep"
     random_texts = [o["text"] for o in observations(*(lambda d: (d, correlations(d)))(load_sweep(sweeps / "woof_random")))]
     assert any(t.startswith("filters=doubling beats halving (random sweep, n=350)") for t in random_texts), random_texts
+    assert any(t.startswith("fANOVA importance") and "350 complete trials" in t for t in random_texts)
     woof = load_sweep(sweeps / "woof")
     texts = [o["text"] for o in observations(woof, [])]
     effects = [t for t in texts if "points" in t or "Spearman" in t]

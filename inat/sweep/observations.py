@@ -101,8 +101,8 @@ def level_effects(name: str, rows: List[Row]) -> Optional[Dict[str, Any]]:
 
 def _level_text(level: Dict[str, Any]) -> str:
     text = f"{level['value']} {100 * level['diff']:+.1f} points (n={level['n']}"
-    if level["ci"] is None:
-        return text + ", too few trials for an interval)"
+    if level["ci"] is None:  # under 2 trials on a side, or every accuracy on both sides equal
+        return text + (", too few trials for an interval)" if level["n"] < 2 else ", no spread for an interval)")
     low, high = (100 * x for x in level["ci"])
     return text + f", 95% CI {low:+.1f} to {high:+.1f}" + (", a tie)" if level["tie"] else ")")
 
@@ -185,14 +185,14 @@ def sampler_observation(data: SweepData) -> Optional[Dict[str, Any]]:
             "evidence": "level counts over all trained trials"}
 
 
-def importance_observation(corr: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def importance_observation(corr: List[Dict[str, Any]], n_complete: int) -> Optional[Dict[str, Any]]:
     """fANOVA's largest shares: a model of all complete trials that accounts for the other keys."""
     ranked = sorted((c for c in corr if c.get("importance") is not None), key=lambda c: -c["importance"])
     if not ranked:
         return None
     listed = ", ".join(f"{c['param']} {c['importance']:.2f}" for c in ranked[:3])
-    return {"score": 0.0, "text": f"fANOVA importance (share of val accuracy variance, a random forest over all "
-            f"complete trials, so each key is judged with the others varying): {listed}.",
+    return {"score": 0.0, "text": f"fANOVA importance (share of val accuracy variance, a random forest over the "
+            f"{n_complete} complete trials, so each key is judged with the others varying): {listed}.",
             "evidence": f"{ranked[0].get('importance_note') or 'fANOVA'}; importance column of the correlations"}
 
 
@@ -202,7 +202,8 @@ def observations(data: SweepData, corr: List[Dict[str, Any]]) -> List[Dict[str, 
     if not rows:
         return [{"text": "No trial finished yet.", "evidence": f"{len(data.rows)} trial folders"}]
     obs = sorted(marginal_observations(data), key=lambda o: -o["score"])
-    obs += [o for o in (importance_observation(corr), sampler_observation(data)) if o]
+    n_complete = sum(r.state == "complete" for r in rows)
+    obs += [o for o in (importance_observation(corr, n_complete), sampler_observation(data)) if o]
     best = best_row(data)
     if best is not None:
         ordered = sorted((r for r in rows if r.started), key=lambda r: r.started)
