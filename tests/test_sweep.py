@@ -138,6 +138,8 @@ def test_sweep_report_files(sweep, env):
     assert {c["param"] for c in report["correlations"]} >= {"act", "filters", "model.batch_norm"}
     texts = [o["text"] for o in report["observations"]]
     assert any("median rule stopped 2 of 3 trials" in t for t in texts), texts
+    # sweep.json records TPE's start-up count (the plugin's default), which picks the trials effects use
+    assert json.loads((sweep.dir / "sweep.json").read_text())["n_startup_trials"] == 10
     assert all(o["evidence"] for o in report["observations"])
     assert "sweep report:" in proc.stdout
     wandb_sweep = (sweep.dir / "wandb_sweep.yaml").read_text()
@@ -289,11 +291,20 @@ def test_parallel_coordinates_log_axes_labels_and_colour_bar():
     lr, wd, units = axes["train.lr"], axes["optim.weight_decay"], axes["model.dense_units"]
     assert lr.log and wd.log and not units.log and not axes["act"].log
     assert max(lr.values) < 0 and len(lr.ticktext) >= 3 and "0.001" in lr.ticktext  # log10 values, middle levels
-    assert "0.0001" in wd.ticktext or "0.001" in wd.ticktext
+    assert "0.0001" in wd.ticktext and "0.001" in wd.ticktext
+    for log_axis in (lr, wd):  # a few distinct plain labels, not 1-2-5 on every decade (12 on weight decay)
+        assert 3 <= len(log_axis.ticktext) <= 6 and len(set(log_axis.ticktext)) == len(log_axis.ticktext)
+        assert not any("e" in t for t in log_axis.ticktext), log_axis.ticktext
+        assert all(min(log_axis.values) <= v <= max(log_axis.values) for v in log_axis.tickvals)
     assert units.ticktext == ["64", "128", "256"] and axes["act"].ticktext == ["gelu", "relu"]
     fig = parallel_figure(_sweep_data(rows, info))
     assert len(fig.axes) == 2  # the plot and its colour bar
     assert "val accuracy" in fig.axes[1].get_ylabel()
+    order = list(axes)
+    for name in ("train.lr", "optim.weight_decay"):  # the labels drawn beside each log axis
+        j = order.index(name)
+        drawn = [t.get_text() for t in fig.axes[0].texts if abs(t.get_position()[0] - (j - 0.03)) < 1e-9]
+        assert drawn == axes[name].ticktext
     plt.close(fig)
     fig = progress_figure(_sweep_data(rows, info))
     assert "pause" in " ".join(t.get_text() for t in fig.axes[0].texts) and max(fig.axes[0].get_xlim()) < 60
@@ -372,3 +383,84 @@ def test_a_bad_dataset_stops_the_sweep_before_the_study_exists(tmp_path, env, ca
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert not sweep_dir.exists()
+
+
+@pytest.mark.parametrize("name", ["woof", "woof_random"])
+def test_fanova_importance_on_the_committed_sweeps(name):
+    """fANOVA itself (inat.sweep.fanova), not a fallback, on the committed trials.csv: shares of 1."""
+    from inat.sweep.analysis import load_sweep, param_importance
+
+    data = load_sweep(ROOT / "experiments" / "sweep" / name)
+    importance, note = param_importance(data)
+    assert note is not None and note.startswith("fANOVA") and "failed" not in note and "unavailable" not in note, note
+    assert set(importance) == set(data.param_names)
+    shares = np.array(list(importance.values()))
+    assert np.isfinite(shares).all() and (shares >= 0).all() and shares.sum() == pytest.approx(1.0)
+    assert shares.max() > 1.5 / len(shares)  # the forest found structure, not an even split
+
+
+def test_fanova_importance_with_no_variance_says_so():
+    """The promoted sweep's 2 trials tie (40.0% each): no importance, and a sentence saying why."""
+    from inat.sweep.analysis import load_sweep, param_importance
+
+    importance, note = param_importance(load_sweep(ROOT / "experiments" / "sweep" / "woof_promoted"))
+    assert importance == {} and "same val accuracy" in note
+
+
+def _effect_rows(n, level_of, acc_of, start=0):
+    from inat.sweep.analysis import Row
+
+    return [Row(i, "complete", {"model.batch_norm": level_of(i), "act": ["relu", "gelu"][i % 2]}, acc_of(i), 1.0, 5, 1.0,
+                None, "epochs", str(i)) for i in range(start, start + n)]
+
+
+def test_random_sweep_effects_have_n_interval_and_ties():
+    """Every random trial counts; a clear gap is an effect with its interval, overlapping levels are a tie."""
+    from inat.sweep.observations import level_effects, observations
+
+    rng = np.random.default_rng(0)
+    rows = _effect_rows(40, lambda i: i % 4 < 2, lambda i: (0.30 if i % 4 < 2 else 0.20) + rng.normal(0, 0.01))
+    data = _sweep_data(rows, {"sampler": "RandomSampler", "params": {}})
+    texts = [o["text"] for o in observations(data, [])]
+    bn = next(t for t in texts if t.startswith("model.batch_norm"))
+    assert bn.startswith("model.batch_norm=True beats False (random sweep, n=40)") and "(n=20)" in bn
+    effect = level_effects("model.batch_norm", rows)
+    low, high = effect["levels"][1]["ci"]
+    assert low < effect["levels"][1]["diff"] < high < 0 and high - low < 0.02 and f"95% CI {100 * low:+.1f} to {100 * high:+.1f}" in bn
+    act = next(t for t in texts if t.startswith("act"))  # act alternates with i, not with the accuracy gap
+    assert act.startswith("act: no level is clearly better") and "a tie" in act
+
+
+def test_tpe_effects_come_from_start_up_trials_only():
+    """After its start-up TPE samples the good level more: those trials never enter an effect."""
+    from inat.sweep.observations import independent_trials, observations, tpe_startup_default
+
+    rng = np.random.default_rng(1)
+    startup = _effect_rows(6, lambda i: i % 2 == 0, lambda i: 0.2 + rng.normal(0, 0.02))
+    tuned = _effect_rows(30, lambda i: i % 10 != 0, lambda i: (0.35 if i % 10 != 0 else 0.1), start=6)
+    info = {"sampler": "TPESampler", "n_startup_trials": 6, "params": {}}
+    data = _sweep_data(startup + tuned, info)
+    assert [r.number for r in independent_trials(data).rows] == list(range(6))
+    texts = [o["text"] for o in observations(data, [])]
+    assert any(t.startswith("model.batch_norm: no level is clearly better (TPE start-up trials, n=6)") for t in texts)
+    assert not any("beats" in t for t in texts), texts
+    assert any("say where the sampler went" in t for t in texts)
+    del info["n_startup_trials"]  # an older sweep.json: Optuna's own default
+    assert tpe_startup_default() == 10 and len(independent_trials(_sweep_data(startup + tuned, info)).rows) == 10
+
+
+def test_committed_sweeps_state_effects_from_independent_trials():
+    """woof_random: effects over its 350 random trials; woof (TPE): only its 8 start-up trials."""
+    from inat.sweep.analysis import correlations, load_sweep
+    from inat.sweep.observations import observations
+
+    sweeps = ROOT / "experiments" / "sweep"
+    random_texts = [o["text"] for o in observations(*(lambda d: (d, correlations(d)))(load_sweep(sweeps / "woof_random")))]
+    assert any(t.startswith("filters=doubling beats halving (random sweep, n=350)") for t in random_texts), random_texts
+    assert any(t.startswith("fANOVA importance") and "350 complete trials" in t for t in random_texts)
+    woof = load_sweep(sweeps / "woof")
+    texts = [o["text"] for o in observations(woof, [])]
+    effects = [t for t in texts if "points" in t or "Spearman" in t]
+    assert effects and all("(TPE start-up trials, n=8)" in t for t in effects), effects
+    promoted = load_sweep(sweeps / "woof_promoted")
+    assert observations(promoted, [])[0]["text"].startswith("No per-level effects for this sweep")

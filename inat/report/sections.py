@@ -191,7 +191,7 @@ def sweep_plots_section(sweeps: List[Sweep], figures: Dict[str, Dict[str, str]])
         if corr and isinstance(corr[0], dict):
             keys = [k for k in ("param", "kind", "n", "val_accuracy", "val_loss", "importance") if k in corr[0]]
             out.append("<p>Parameter effects: rank correlation with best val accuracy and val loss, and "
-                       "Optuna importance (sweep report):</p>" + table(
+                       "fANOVA importance (sweep report):</p>" + table(
                 keys, [[_num(c.get(k), 3) if isinstance(c.get(k), float) else c.get(k, "") for k in keys] for c in corr]))
             note = corr[0].get("importance_note")
             if note:

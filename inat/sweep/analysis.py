@@ -1,7 +1,7 @@
-"""Numbers behind the sweep report: a trial table, correlations, Optuna importance, observations.
+"""Numbers behind the sweep report: a trial table, correlations, fANOVA importance.
 
 Everything is computed from the trial folders (and the Optuna study when it can be opened);
-observations are sentences generated from those numbers, each carrying its evidence.
+the observations built from these numbers are in :mod:`inat.sweep.observations`.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def is_numeric(values: Sequence[Any]) -> bool:
 
 
 def correlations(data: SweepData) -> List[Dict[str, Any]]:
-    """Per hyperparameter: association with val accuracy and val loss, plus Optuna importance."""
+    """Per hyperparameter: association with val accuracy and val loss, plus fANOVA importance."""
     rows = [r for r in data.trained if r.val_loss is not None]
     importance, importance_note = param_importance(data)
     out = []
@@ -210,26 +210,24 @@ def correlations(data: SweepData) -> List[Dict[str, Any]]:
 
 
 def param_importance(data: SweepData) -> tuple[Dict[str, float], Optional[str]]:
-    """``optuna.importance.get_param_importances`` on the study, else on a study rebuilt from folders."""
+    """fANOVA importance (``optuna.importance.get_param_importances``) on the study, else on a
+    study rebuilt from the folders; importances are shares that sum to 1."""
     import optuna
 
+    from inat.sweep.fanova import FanovaEvaluator
+
     study = data.study
-    note = None
+    note = "fANOVA"
     try:
         if study is None:
-            study, note = study_from_folders(data), "study rebuilt from trial folders (" + (data.study_error or "no storage") + ")"
+            study = study_from_folders(data)
+            note += " on a study rebuilt from trial folders (" + (data.study_error or "no storage") + ")"
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if len(complete) < 2:
             return {}, "fewer than 2 complete trials: no importance"
-        try:
-            found = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-        except ValueError as err:
-            # Optuna 2.10's fANOVA trips on newer scikit-learn tree arrays ("setting an array
-            # element with a sequence"); mean decrease in impurity uses the same forest, still works.
-            found = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0))
-            note = ((note + "; ") if note else "") + f"fANOVA failed ({err.__class__.__name__}), mean decrease in impurity used"
+        if len({t.value for t in complete}) == 1:  # fANOVA's forest has no variance to share out
+            return {}, f"all {len(complete)} complete trials have the same val accuracy: no importance"
+        found = optuna.importance.get_param_importances(study, evaluator=FanovaEvaluator(seed=0))
         return {k: float(v) for k, v in found.items()}, note
     except Exception as err:  # noqa: BLE001 - importance is a bonus (it needs scikit-learn)
         return {}, f"Optuna importance unavailable: {type(err).__name__}: {err}"
@@ -271,59 +269,3 @@ def reproduce_command(data: SweepData, row: Row) -> str:
     parts = [f"{k}={v}" for k, v in data.fixed.items() if not k.startswith(skip)]
     parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in row.params.items()]
     return "python run.py " + " ".join(parts)
-
-
-def observations(data: SweepData, corr: List[Dict[str, Any]]) -> List[Dict[str, str]]:
-    """Sentences derived from the data, each with its evidence; strongest effects first."""
-    rows = data.trained
-    obs: List[Dict[str, Any]] = []
-    if not rows:
-        return [{"text": "No trial finished yet.", "evidence": f"{len(data.rows)} trial folders"}]
-    n_pruned = sum(r.state == "pruned" for r in rows)
-    note = "; pruned trials count with the accuracy they had when stopped" if n_pruned else ""
-    for name in data.param_names:
-        groups: Dict[str, List[float]] = {}
-        for r in rows:
-            if name in r.params:
-                groups.setdefault(str(r.params[name]), []).append(r.val_accuracy)
-        if len(groups) < 2 or len(groups) > 4 or any(len(v) < 2 for v in groups.values()):
-            continue
-        means = {k: float(np.mean(v)) for k, v in groups.items()}
-        hi, lo = max(means, key=means.get), min(means, key=means.get)
-        diff = 100 * (means[hi] - means[lo])
-        evidence = "; ".join(f"{name}={k}: mean {100 * means[k]:.1f}% over {len(groups[k])} trials"
-                             for k in sorted(groups, key=means.get, reverse=True))
-        obs.append({"score": diff, "text": f"{name}={hi}: {diff:+.1f} points mean val accuracy over "
-                    f"{len(groups[hi])} trials vs {name}={lo} ({len(groups[lo])} trials).", "evidence": evidence + note})
-    for c in corr:
-        if (c["kind"] == "spearman" and c["val_accuracy"] is not None and c["n"] >= 5
-                and abs(c["val_accuracy"]) >= 0.3):
-            direction = "higher" if c["val_accuracy"] > 0 else "lower"
-            obs.append({"score": 10 * abs(c["val_accuracy"]),
-                        "text": f"Higher {c['param']} goes with {direction} val accuracy "
-                                f"(Spearman rho {c['val_accuracy']:+.2f} over {c['n']} trials).",
-                        "evidence": f"rank correlation of {c['param']} with best val accuracy per trial"})
-    obs.sort(key=lambda o: -o["score"])
-    best = best_row(data)
-    if best is not None:
-        ordered = sorted((r for r in rows if r.started), key=lambda r: r.started)
-        first = next((i for i, r in enumerate(ordered) if r.val_accuracy >= best.val_accuracy), None)
-        if first is not None:
-            obs.append({"score": 0, "text": f"The best val accuracy ({100 * best.val_accuracy:.1f}%, trial "
-                        f"{best.number}) was first reached by trial {first + 1} of {len(ordered)} in start order.",
-                        "evidence": "trials ordered by start time"})
-    if n_pruned and data.epochs_planned:
-        pruned = [r for r in rows if r.state == "pruned"]
-        saved = sum(data.epochs_planned - r.epochs for r in pruned)
-        run = sum(r.epochs for r in rows)
-        obs.append({"score": 0, "text": f"The median rule stopped {n_pruned} of {len(rows)} trials after "
-                    f"{np.mean([r.epochs for r in pruned]):.1f} of {data.epochs_planned} epochs on average: "
-                    f"{saved} epochs not trained, {100 * saved / (run + saved):.0f}% of the {run + saved} the "
-                    f"sweep would otherwise have trained.",
-                    "evidence": "epochs in each pruned trial's metrics.csv vs train.epochs (trials cut by "
-                                "train.max_minutes are not counted as savings)"})
-    budget = [r for r in data.rows if r.state == "budget"]
-    if budget:
-        obs.append({"score": 0, "text": f"The {data.info.get('budget_minutes', '?')}-minute sweep budget ended "
-                    f"the sweep: trial {budget[0].number} was not trained.", "evidence": budget[0].stop_reason})
-    return [{"text": o["text"], "evidence": o["evidence"]} for o in obs]

@@ -19,6 +19,7 @@ STATE_COLORS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "budget": "#7f7f7f",
 # minutes) is a pause between sittings, not sweep time: it is cut out of the axis and marked.
 GAP_FACTOR = 10.0
 MIN_GAP = 10.0
+MAX_LOG_TICKS = 5  # labels on a log axis (more overlap on a 5-inch-high figure)
 
 
 @dataclass
@@ -82,13 +83,32 @@ def _log_space(name: str, space: Dict[str, Any]) -> Optional[bool]:
     return "log" in spec
 
 
+def _log_ticks(lo: float, hi: float, most: int = MAX_LOG_TICKS) -> List[float]:
+    """At most ``most`` ticks in [lo, hi] on a log axis: decades when 3 or more fit (every
+    other one past ``most``), else 1-3 or 1-2-5 steps, whichever first gives 3 ticks.
+
+    The 1-2-5 steps on every decade put a dozen labels on a 4-decade weight-decay axis.
+    """
+    exponents = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for mantissas in ((1,), (1, 3), (1, 2, 5)):
+        ticks = [m * 10 ** e for e in exponents for m in mantissas if lo <= m * 10 ** e <= hi]
+        if len(ticks) > most:
+            ticks = ticks[::math.ceil(len(ticks) / most)]
+        if len(ticks) >= 3:
+            return ticks
+    return [lo, hi]
+
+
 def _nice_ticks(lo: float, hi: float, log: bool) -> List[float]:
-    """Tick positions for a numeric axis: 1-2-5 steps per decade on a log axis, 5 even steps else."""
-    if log:
-        ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-                 for m in (1, 2, 5) if lo <= m * 10 ** e <= hi]
-        return ticks if len(ticks) >= 2 else [lo, hi]
-    return [lo + (hi - lo) * i / 4 for i in range(5)]
+    """Tick positions for a numeric axis: a few round values on a log axis, 5 even steps else."""
+    return _log_ticks(lo, hi) if log else [lo + (hi - lo) * i / 4 for i in range(5)]
+
+
+def tick_label(value: float) -> str:
+    """A plain number with up to 3 significant digits: 0.0001, not 1e-04."""
+    import numpy as np
+
+    return np.format_float_positional(value, precision=3, unique=False, fractional=False, trim="-")
 
 
 def axes_values(data: SweepData) -> List[Axis]:
@@ -109,9 +129,9 @@ def axes_values(data: SweepData) -> List[Axis]:
             ticks = levels if len(levels) <= 6 else _nice_ticks(lo, hi, log)
             if log:
                 out.append(Axis(name, [math.log10(v) for v in nums], [math.log10(t) for t in ticks],
-                                [f"{t:.3g}" for t in ticks], True))
+                                [tick_label(t) for t in ticks], True))
             else:
-                out.append(Axis(name, nums, ticks, [f"{t:.3g}" for t in ticks]))
+                out.append(Axis(name, nums, ticks, [tick_label(t) for t in ticks]))
         else:
             labels = sorted({str(v) for v in vals})
             out.append(Axis(name, [float(labels.index(str(v))) for v in vals], [float(i) for i in range(len(labels))],

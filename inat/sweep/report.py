@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 from inat.errors import InatError
 from inat.run_folder import SWEEP_REPORT, SWEEP_REPORT_HTML
 from inat.runs import write_json
-from inat.sweep.analysis import SweepData, best_row, correlations, load_sweep, observations, reproduce_command
+from inat.sweep.analysis import SweepData, best_row, correlations, load_sweep, reproduce_command
+from inat.sweep.observations import observations
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -93,9 +94,9 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}pre{{background:#f4f4f4;padding:8p
 <h2>2. Parallel coordinates</h2>{figures['parallel']}
 <h2>3. Hyperparameters vs val accuracy and val loss</h2>
 <p>Correlation over trained trials (best val accuracy per trial; val loss at that epoch). Two-level keys: Spearman with the
-first level coded 0; numeric keys: Spearman; others: correlation ratio eta (0..1, no sign). Importance: Optuna's
-<code>get_param_importances</code> on complete trials.{(' ' + esc(note)) if note else ''}</p>
-<table><tr><th>hyperparameter</th><th>measure</th><th>trials</th><th>vs val accuracy</th><th>vs val loss</th><th>Optuna importance</th></tr>{corr_rows}</table>
+first level coded 0; numeric keys: Spearman; others: correlation ratio eta (0..1, no sign). Importance: fANOVA
+(Optuna's <code>get_param_importances</code>) on complete trials, shares that sum to 1.{(' ' + esc(note)) if note else ''}</p>
+<table><tr><th>hyperparameter</th><th>measure</th><th>trials</th><th>vs val accuracy</th><th>vs val loss</th><th>fANOVA importance</th></tr>{corr_rows}</table>
 <h2>4. Best configuration</h2>{best_html}
 <h2>5. Observations</h2><ul>{obs}</ul>
 <h2>Trials</h2><table><tr><th>trial</th><th>state</th><th>best val acc (%)</th><th>epochs</th><th>train s</th><th>params</th></tr>{trials}</table>

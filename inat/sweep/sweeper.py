@@ -118,10 +118,14 @@ def continue_sampler(sampler: Any, seed: Optional[int], n_trials: int) -> bool:
 def write_sweep_info(sweep_dir: Path, impl: Any, study_name: str, arguments: List[str], budget: float) -> None:
     """``sweep.json``: what the report and the proxy promotion need (Optuna writes no multirun.yaml)."""
     params = OmegaConf.to_container(impl.params, resolve=True) if impl.params is not None else {}
-    write_json(sweep_dir / SWEEP_INFO, {"storage": hide_password(impl.storage), "study_name": study_name,
-                                          "params": params, "arguments": arguments,
-                                          "direction": impl._get_directions()[0], "budget_minutes": budget,
-                                          "sampler": type(impl.sampler).__name__})
+    info = {"storage": hide_password(impl.storage), "study_name": study_name, "params": params,
+            "arguments": arguments, "direction": impl._get_directions()[0], "budget_minutes": budget,
+            "sampler": type(impl.sampler).__name__}
+    # TPE's first n_startup_trials are drawn at random: the report's effects come from them alone.
+    startup = OmegaConf.select(impl.config, "hydra.sweeper.sampler.n_startup_trials", default=None)
+    if startup is not None:
+        info["n_startup_trials"] = int(startup)
+    write_json(sweep_dir / SWEEP_INFO, info)
 
 
 def check_dataset(data_cfg: Any) -> None:
