@@ -295,9 +295,57 @@ def verify(found: List[Claim]) -> List[str]:
     return problems
 
 
+# A results-table row's machine label and the torch CPU capability its evidence must record.
+LABEL = re.compile(r"^\*\*\[(?P<label>[^\]]+)\]\*\*")
+LABEL_CAPABILITY = {"AVX2": "AVX2", "AVX2 emulated": "AVX2", "AVX512-BF16": "AVX512"}
+
+
+def recorded(data: Any, key: str = "cpu_capability") -> set:
+    """Every value stored under ``key`` anywhere in ``data``."""
+    if isinstance(data, dict):
+        return {str(v) for k, v in data.items() if k == key} | {x for v in data.values() for x in recorded(v, key)}
+    if isinstance(data, list):
+        return {x for v in data for x in recorded(v, key)}
+    return set()
+
+
+def label_problems(found: List[Claim]) -> List[str]:
+    """A labelled row ("**[AVX2]** ...") whose evidence files do not record that CPU capability."""
+    problems = []
+    rows: dict = {}
+    previous = None
+    for c in found:
+        if c.source:
+            previous = c.source.split("#", 1)[0] or previous
+            rows.setdefault(c.row, set()).add(previous)
+    for row, files in rows.items():
+        m = LABEL.match(row)
+        if not m:
+            continue
+        label = m.group("label")
+        want = LABEL_CAPABILITY.get(label)
+        if want is None:
+            problems.append(f"'{row[:60]}': unknown machine label [{label}] (known: {', '.join(LABEL_CAPABILITY)})")
+            continue
+        have = set()
+        for file in set(files):
+            if file.endswith("/test.json"):  # a run's test record: its machine is in the run's summary.json
+                files = files | {file.removesuffix("test.json") + "summary.json"}
+        for file in files:
+            try:
+                have |= recorded(load(file))
+            except (OSError, ValueError):
+                continue
+        if have != {want}:
+            problems.append(f"'{row[:60]}': labelled [{label}], but its files ({', '.join(sorted(files))}) record "
+                            f"cpu_capability {sorted(have) or 'nowhere'}, not only {want}")
+    return problems
+
+
 def check(readme: Path = REPO / "README.md") -> List[str]:
-    """Every problem with the README's results table (empty: all true)."""
-    return verify(claims(readme.read_text()))
+    """Every problem with the README's results table (empty: all true): numbers, then machine labels."""
+    found = claims(readme.read_text())
+    return verify(found) + label_problems(found)
 
 
 def check_prose(path: Path) -> List[str]:

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from scipy import stats
+
 REPO = Path(__file__).resolve().parents[2]
 
 VARIANTS = {
@@ -61,21 +63,34 @@ def main() -> None:
             summary = json.loads((run_dir / "summary.json").read_text())
             rows.append({"variant": name, "seed": seed, "test_accuracy": test["accuracy"],
                          "best_val_accuracy": summary["best_val_accuracy"], "epochs": summary["epochs"],
-                         "images_per_sec": summary["train_images_per_sec"], "overrides": VARIANTS[name]})
+                         "images_per_sec": summary["train_images_per_sec"], "precision": summary.get("precision"),
+                         "overrides": VARIANTS[name]})
+            machine = {k: summary["environment"].get(k) for k in ("cpu", "cpu_count", "cpu_capability", "torch")}
             print(f"  {name} seed {seed}: test {test['accuracy']:.1%}, {summary['epochs']} epochs", flush=True)
     table = []
+    base_accs = [r["test_accuracy"] for r in rows if r["variant"] == a.variants[0]]
     for name in a.variants:
         accs = [r["test_accuracy"] for r in rows if r["variant"] == name]
-        table.append({"variant": name, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      "n": len(accs), "overrides": VARIANTS[name]})
+        entry = {"variant": name, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                 "n": len(accs), "overrides": VARIANTS[name]}
+        if name != a.variants[0] and len(accs) > 1 and len(base_accs) > 1:
+            # the difference from the first variant with Welch's t 95% interval; one that holds 0 is a tie
+            ci = stats.ttest_ind(accs, base_accs, equal_var=False).confidence_interval(0.95)
+            entry.update(diff=entry["mean"] - statistics.mean(base_accs), diff_ci95=[float(ci.low), float(ci.high)],
+                         tie=bool(ci.low <= 0 <= ci.high))
+        table.append(entry)
     result = {"command": " ".join(shlex.quote(c) for c in sys.argv), "data": a.data, "size": a.size,
               "minutes": None if a.epochs else a.minutes, "epochs": a.epochs or None, "seeds": a.seeds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": {**machine, "precision": sorted({str(r["precision"]) for r in rows})},
               "table": table, "runs": rows}
     Path(a.out).write_text(json.dumps(result, indent=1))
     base = table[0]["mean"]
     print(f"\n| variant | test accuracy (mean ± std, n={len(a.seeds)}) | vs default |\n|---|---|---|")
     for t in table:
-        print(f"| {t['variant']} | {t['mean']:.1%} ± {t['std']:.1%} | {100 * (t['mean'] - base):+.1f} pts |")
+        ci = t.get("diff_ci95")
+        vs = (f"{100 * (t['mean'] - base):+.1f} pts (95% CI {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}"
+              f"{', a tie' if t['tie'] else ''})") if ci else ""
+        print(f"| {t['variant']} | {t['mean']:.1%} ± {t['std']:.1%} | {vs} |")
 
 
 if __name__ == "__main__":

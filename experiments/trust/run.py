@@ -47,6 +47,8 @@ def main() -> None:
     out["lite0_flowers5"] = {"test_accuracy": test["accuracy"], "n": test["n"], "macro_f1": test["macro_f1"],
                              "calibration": test["calibration"],
                              "precision": load(lite / "summary.json").get("precision")}
+    env = load(lite / "summary.json")["environment"]
+    out["machine"] = {k: env.get(k) for k in ("cpu", "cpu_count", "cpu_capability", "torch")}
     shutil.copy(lite / "explain" / "gradcam.png", HERE / "gradcam_lite0_flowers5.png")
     shutil.copy(lite / "test" / "reliability.png", HERE / "reliability_lite0_flowers5.png")
 
@@ -61,7 +63,8 @@ def main() -> None:
         d = work / name
         run([*woof, "train.epochs=4", "train.max_minutes=0", f"train.lr={lr}", f"hydra.run.dir={d}"])
         out[name] = {"lr": lr, "test_accuracy": load(d / "test" / "test.json")["accuracy"],
-                     "best_val_accuracy": load(d / "summary.json")["best_val_accuracy"]}
+                     "best_val_accuracy": load(d / "summary.json")["best_val_accuracy"],
+                     "precision": load(d / "summary.json").get("precision")}
     chain = REPO / "outputs" / "partA_chain" / "best_full" / "checkpoints" / "best.pt"
     if chain.is_file():
         run(["+mode=explain", f"ckpt={chain}", "explain.what=[gradcam]", f"hydra.run.dir={work / 'scratch_cam'}"])
