@@ -29,3 +29,5 @@ CAM_METHODS: Tuple[str, ...] = ("gradcam", "gradcam++")
 GRID_PICKS: Tuple[str, ...] = ("random", "confident", "mistakes")
 EXPORT_FORMATS: Tuple[str, ...] = ("onnx", "torchscript")
 ONNX_EXPORTERS: Tuple[str, ...] = ("legacy", "dynamo")
+# The values of a manifest's split column (inat.data.manifest); a row without one trains.
+MANIFEST_SPLITS: Tuple[str, ...] = ("train", "val", "test")

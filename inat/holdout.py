@@ -61,13 +61,13 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
     to the images the run validated on; otherwise InatError, since a temperature fitted on
     other images would not be the run's.
     """
-    from inat.data.folder import scan_train
+    from inat.data.dataset import dataset_root, scan_train_set
     from inat.training import load_data
 
     cfg = OmegaConf.create(state["config"])
     predictor = Predictor.from_state(state, model=model, device=device, precision=precision)
-    root = Path(cfg.data.root)
-    data = load_data(cfg.data, predictor.spec, root, scan_train(root), progress=progress)
+    root = dataset_root(cfg.data, fetch=False)
+    data = load_data(cfg.data, predictor.spec, root, scan_train_set(cfg.data, root), progress=progress)
     expected = state.get("split_sha1", {}).get("val")
     if expected is not None and [data.sha1[i] for i in data.val_idx] != list(expected):
         raise InatError(f"The validation split rebuilt from '{root}/train' differs from the run's, so no temperature "
@@ -105,8 +105,10 @@ def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module,
 
 
 def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[str] = None,
-                    batch_size: int = 256, progress: bool = True, precision: str = "auto") -> Dict[str, Any]:
-    """Score ``ckpt_path`` on the test folder of ``data_root`` (default: the run's root).
+                    batch_size: int = 256, progress: bool = True, precision: str = "auto",
+                    test_manifest: Optional[str] = None) -> Dict[str, Any]:
+    """Score ``ckpt_path`` on the test folder of ``data_root`` (default: the run's root), or on
+    the test rows of the run's manifest, or on ``test_manifest`` when given.
 
     ``precision`` is this process's policy (``train.precision`` of the command, ``auto`` by
     default), not the one the checkpoint was trained under: another machine may lack it.
@@ -115,9 +117,12 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
     predictor = Predictor.from_checkpoint(ckpt_path, precision=precision, announce=True)
     state, classes, spec = predictor.state, predictor.classes, predictor.spec
     cfg = OmegaConf.create(state["config"])
-    root = Path(data_root or cfg.data.root)
+    from inat.data.dataset import dataset_root
+
+    root = Path(data_root) if data_root else dataset_root(cfg.data, fetch=False)
     folder, cache = read_test_set(state, root, int(spec.input_size), purpose="test mode", interpolation=spec.interpolation,
-                                  crop_pct=float(spec.crop_pct), cache_dir=cfg.data.cache_dir, progress=progress)
+                                  crop_pct=float(spec.crop_pct), cache_dir=cfg.data.cache_dir, progress=progress,
+                                  test_manifest=test_manifest)
     logits = predictor.logits(cache.images, batch_size=batch_size, progress="test" if progress else None)
     y = np.asarray(folder.labels)
     pred = logits.argmax(1).numpy()

@@ -132,12 +132,11 @@ def check_dataset(data_cfg: Any) -> None:
     with nothing written. The trials still resolve the root themselves (cheap once it exists).
     """
     from inat.cli import fail
-    from inat.data.download import ensure_dataset
-    from inat.data.folder import scan_train
+    from inat.data.dataset import dataset_root, scan_train_set
     from inat.errors import InatError
 
     try:
-        scan_train(ensure_dataset(data_cfg))
+        scan_train_set(data_cfg, dataset_root(data_cfg))
     except InatError as err:
         fail(str(err))
 

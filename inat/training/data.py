@@ -9,7 +9,8 @@ from typing import Any, List, Tuple
 import numpy as np
 
 from inat.data.cache import load_or_build
-from inat.data.folder import FolderSplit, find_val_dir, scan_val
+from inat.data.dataset import dataset_root, scan_val_set
+from inat.data.folder import FolderSplit
 from inat.data.split import build_split
 from inat.errors import InatError
 from inat.models import ModelSpec
@@ -42,26 +43,25 @@ class TrainData:
 
 
 def resolve_root(data_cfg: Any) -> Path:
-    """The dataset root, downloading nature_12K on first use (once per node under torchrun)."""
-    from inat.data.download import ensure_dataset
-
-    return Path(distributed.local_first(lambda: ensure_dataset(data_cfg)))
+    """The dataset root (a manifest's folder), downloading nature_12K on first use (once per node under torchrun)."""
+    return Path(distributed.local_first(lambda: dataset_root(data_cfg)))
 
 
 def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, progress: bool = True) -> TrainData:
     """Decode train/ once at the model's input size and split it, stratified and seeded.
 
-    When the root has train/, val/ and test/, val/ is the validation split as given (decoded
-    into the same cache, after train/'s files) and nothing is carved from train/.
+    When the root has train/, val/ and test/ (or the manifest has split=val rows), that is the
+    validation split as given (decoded into the same cache, after the training files) and
+    nothing is carved from the training images.
     Under torchrun each node's local rank 0 builds the cache while the other ranks wait at
     a barrier, then they map the finished file; every rank then checks that it read the same
     images as rank 0.
     """
     n_train = len(folder)
-    given = find_val_dir(root) is not None
+    val = scan_val_set(data_cfg, root, folder.classes)
+    given = val is not None
     label = "train/"
     if given:
-        val = scan_val(root, folder.classes)
         folder = FolderSplit(folder.root, folder.classes, folder.paths + val.paths, folder.labels + val.labels)
         label = "train/ + val/"
     cache = distributed.local_first(lambda: load_or_build(
