@@ -254,3 +254,35 @@ def test_a_json_run_by_genus_tests_its_test_manifest_behind_the_leak_guard(photo
     copy.unlink()
     assert result.returncode == 2, result.stderr[-2000:]
     assert "byte-identical" in result.stderr and not (refused / "test.json").exists()
+
+
+def test_resume_after_the_manifest_moved_a_row_is_refused(capsys, photos, tmp_path):
+    """The split check compares image hashes, whatever listed them: a row moved to val is a new split."""
+    from inat.training import fit
+    from test_engine import compose
+    from test_faults import fails_cleanly
+
+    rows = with_splits(photos)[:30]  # training and validation rows only: no test set needed
+    manifest = write_csv(photos["folder"] / "resume.csv", rows)
+    run_dir = tmp_path / "run"
+
+    def train(*extra):
+        return fit(compose([f"data.manifest={manifest}", *FAST, "train.epochs=1", "train.then_test=false", *extra]),
+                   run_dir)
+
+    train()
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    rows[1] = (rows[1][0], rows[1][1], "val")
+    write_csv(manifest, rows)
+    fails_cleanly(capsys, lambda: train("resume=true"), "resume=true", "changed since", "1 moved")
+
+
+def test_a_sweep_checks_the_manifest_before_its_study_exists(capsys, photos):
+    from inat.sweep.sweeper import check_dataset
+
+    cfg = bad_csv(photos, "split value")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        check_dataset(cfg)
+    assert exc.value.code == 2
+    assert_one_error(capsys.readouterr().err, "Row 3 (line 4)", "train, val, test")
