@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from inat.data.dataset import dataset_root, scan_train_set
 from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check_leakage re-exported
 from inat.errors import InatError
 from inat.predictor import Predictor
@@ -61,7 +62,6 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
     to the images the run validated on; otherwise InatError, since a temperature fitted on
     other images would not be the run's.
     """
-    from inat.data.dataset import dataset_root, scan_train_set
     from inat.training import load_data
 
     cfg = OmegaConf.create(state["config"])
@@ -117,8 +117,6 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
     predictor = Predictor.from_checkpoint(ckpt_path, precision=precision, announce=True)
     state, classes, spec = predictor.state, predictor.classes, predictor.spec
     cfg = OmegaConf.create(state["config"])
-    from inat.data.dataset import dataset_root
-
     root = Path(data_root) if data_root else dataset_root(cfg.data, fetch=False)
     folder, cache = read_test_set(state, root, int(spec.input_size), purpose="test mode", interpolation=spec.interpolation,
                                   crop_pct=float(spec.crop_pct), cache_dir=cfg.data.cache_dir, progress=progress,

@@ -245,6 +245,17 @@ def test_a_json_run_by_genus_tests_its_test_manifest_behind_the_leak_guard(photo
     assert score["n"] == 9 and score["classes"] == ["Bellis", "Rosa"]
     assert sum(map(sum, score["confusion_matrix"][1:])) == 6  # rose and tulip are both Rosa
 
+    # explain reads the same test rows through the guard; predict names the manifest's classes
+    from inat.explain import explain_checkpoint
+    from inat.modes.predict import run as predict_mode
+    from test_predict import predict_cfg, read_jsonl
+
+    explained = explain_checkpoint(ckpt, tmp_path / "explain", what=["confusion"])
+    assert explained["n"] == 9 and explained["classes"] == ["Bellis", "Rosa"]
+    predict_mode(predict_cfg(ckpt, [photos["folder"] / photos["test"][0][0]], top_k=2), tmp_path / "predicted")
+    [record] = read_jsonl(tmp_path / "predicted" / "predictions.jsonl")
+    assert {t["class"] for t in record["top_k"]} == {"Bellis", "Rosa"}
+
     # A test photo that is a training photo under another name: the bytes give it away.
     copy = photos["folder"] / "photos" / "copy_of_a_training_photo.png"
     shutil.copy(photos["folder"] / photos["train"][0][0], copy)

@@ -39,7 +39,7 @@ def dataset_root(data_cfg: Any, fetch: bool = True) -> Path:
         from inat.data.download import ensure_dataset
 
         return ensure_dataset(data_cfg)
-    return Path(data_cfg.root)
+    return Path(data_cfg["root"])
 
 
 def _rows(data_cfg: Any) -> Dict[str, List[Row]]:

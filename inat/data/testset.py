@@ -7,7 +7,6 @@ a single score is computed.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 

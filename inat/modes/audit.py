@@ -1,4 +1,4 @@
-"""``python run.py +mode=audit [data.root=ROOT | data.manifest=FILE]``: audit the dataset; print the summary, write audit.json.
+"""``python run.py +mode=audit [data.root=ROOT | data.manifest=FILE]``: audit the dataset, write audit.json.
 
 Uses ``data.workers`` processes (0 = one per CPU). The audit reports problems; it does not
 fail on them, so its exit code is 0 unless the root itself is missing.

@@ -1,4 +1,4 @@
-"""``python run.py +mode=test ckpt=PATH [data.root=ROOT | data.test_manifest=FILE]``: the checkpoint scored on the test set once.
+"""``python run.py +mode=test ckpt=PATH [data.root=ROOT | data.test_manifest=FILE]``: score the test set once.
 
 Writes ``test.json`` and ``reliability.png`` into the output folder (``inat.holdout``).
 The data root (and test manifest) is the checkpoint's own unless ``data.root`` (or
