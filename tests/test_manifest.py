@@ -225,6 +225,12 @@ def test_a_csv_run_trains_tests_its_split_test_rows_and_audits(photos, tmp_path)
     assert report["splits"]["test"]["folder"] == "run.csv" and report["test_folder"] == "run.csv"
     assert report["exact_duplicates"]["across_splits"] == []
 
+    html = tmp_path / "report.html"
+    result = run_cli(["+mode=report", f"report.inputs=[{run}]", f"report.out={html}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = html.read_text()
+    assert str(manifest) in text and "nature_12K" not in text  # the run's data is its manifest, not data.root
+
 
 def test_a_json_run_by_genus_tests_its_test_manifest_behind_the_leak_guard(photos, tmp_path):
     train = write_json(photos["folder"] / "train2021.json", photos["train"])

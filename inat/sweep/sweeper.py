@@ -241,7 +241,7 @@ class InatOptunaSweeper(OptunaSweeper):
             raise ValueError("InatOptunaSweeper optimises one objective (validation accuracy); "
                              f"got directions {directions}.")
 
-        if "data.root" not in distributions:  # a swept root is checked by each trial
+        if not {"data.root", "data.manifest"} & set(distributions):  # each trial checks a swept root or manifest
             check_dataset(cfg.data)
         # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
         sweep_dir.mkdir(parents=True, exist_ok=True)
