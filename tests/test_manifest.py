@@ -97,6 +97,14 @@ def test_csv_without_split_column_trains_on_every_row(photos):
     assert "stratified split" in describe_roles(cfg, path.parent)
 
 
+def test_a_rewritten_manifest_is_read_again(photos):
+    """Parsed manifests are kept by content: the same size and a new label is a new manifest."""
+    path = write_csv(photos["folder"] / "rewritten.csv", photos["train"][:2], header=("path", "label"))
+    assert [r.label for r in read_manifest(path)] == ["daisy", "daisy"]
+    write_csv(path, [(photos["train"][0][0], "lotus"), photos["train"][1]], header=("path", "label"))
+    assert [r.label for r in read_manifest(path)] == ["lotus", "daisy"]
+
+
 def test_label_level_switches_the_classes(photos):
     path = write_json(photos["folder"] / "train.json", photos["train"])
     by_name = scan_train_set(data_cfg(manifest=str(path)), path.parent)
@@ -226,7 +234,8 @@ def test_a_csv_run_trains_tests_its_split_test_rows_and_audits(photos, tmp_path)
     assert report["exact_duplicates"]["across_splits"] == []
 
     html = tmp_path / "report.html"
-    result = run_cli(["+mode=report", f"report.inputs=[{run}]", f"report.out={html}", f"hydra.run.dir={tmp_path / 'r'}"])
+    result = run_cli(["+mode=report", f"report.inputs=[{run}]", f"report.out={html}",
+                      f"hydra.run.dir={tmp_path / 'r'}"])
     assert result.returncode == 0, result.stderr[-2000:]
     text = html.read_text()
     assert str(manifest) in text and "nature_12K" not in text  # the run's data is its manifest, not data.root

@@ -9,6 +9,7 @@ folders. Test rows (``split=test`` rows, or every row of ``data.test_manifest``)
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,7 +21,11 @@ from inat.data.folder import IMAGE_EXTENSIONS, FolderSplit
 from inat.errors import InatError
 
 SHOW_PATHS = 3  # missing paths named in the error; the count says how many more
+KEEP_PARSED = 4  # manifests kept parsed (a train and a test file, two label levels)
 JSON_KEYS = {"images": ("id", "file_name"), "annotations": ("image_id", "category_id"), "categories": ("id",)}
+
+
+_PARSED: Dict[Tuple[str, str, str, bool], Tuple["Row", ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,8 @@ def _join(folder: Path, name: str) -> Path:
     return Path(os.path.normpath(folder / name))
 
 
-def read_csv(path: Path, allowed: Sequence[str] = MANIFEST_SPLITS) -> List[Row]:
-    """The rows of a ``path,label[,split]`` CSV; a row without a split column is a training row."""
-    text = _open(path)
+def read_csv(path: Path, text: str, allowed: Sequence[str] = MANIFEST_SPLITS) -> List[Row]:
+    """The rows of ``path``'s ``path,label[,split]`` CSV ``text``; without a split column every row trains."""
     reader = csv.DictReader(text.splitlines())
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns
@@ -100,10 +104,10 @@ def category_names(categories: List[Dict[str, Any]], level: str, path: Path) -> 
     return names
 
 
-def read_inat_json(path: Path, level: str = "name", split: str = MANIFEST_SPLITS[0]) -> List[Row]:
-    """The images of an iNaturalist (COCO-style) JSON, each labelled by its category's ``level``."""
+def read_inat_json(path: Path, text: str, level: str = "name", split: str = MANIFEST_SPLITS[0]) -> List[Row]:
+    """The images of ``path``'s iNaturalist (COCO-style) JSON ``text``, each labelled by its category's ``level``."""
     try:
-        data = json.loads(_open(path))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise InatError(f"Manifest '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
     images = _records(data, "images", path)
@@ -132,11 +136,19 @@ def read_manifest(path: str | Path, level: str = "name", *, test: bool = False) 
     """The rows of a ``.csv`` or ``.json`` manifest; with ``test`` (``data.test_manifest``) every row is a test row."""
     path = Path(path)
     allowed = ("test",) if test else MANIFEST_SPLITS
-    if path.suffix.lower() == ".csv":
-        return read_csv(path, allowed)
-    if path.suffix.lower() == ".json":
-        return read_inat_json(path, level, allowed[0])
-    raise InatError(f"Manifest '{path}' is neither a .csv nor a .json file.")
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise InatError(f"Manifest '{path}' is neither a .csv nor a .json file.")
+    text = _open(path)
+    # One run reads its manifest several times (check, train, val, test): an iNaturalist JSON of
+    # millions of images is parsed once per content, not once per reader.
+    key = (str(path), hashlib.sha1(text.encode()).hexdigest(), level, test)
+    if key not in _PARSED:
+        rows = read_csv(path, text, allowed) if path.suffix.lower() == ".csv" else read_inat_json(path, text, level,
+                                                                                                  allowed[0])
+        while len(_PARSED) >= KEEP_PARSED:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = tuple(rows)
+    return list(_PARSED[key])
 
 
 def check_files(rows: Sequence[Row], path: Path) -> None:
