@@ -143,7 +143,8 @@ def bad_csv(photos, case: str) -> dict:
         rows[2] = (rows[2][0], rows[2][1], "validation")
     if case == "test row is a training row":
         rows.append((rows[1][0], rows[1][1], "test"))
-    return data_cfg(manifest=str(write_csv(tmp / "m.csv", rows)))
+    level = "genus" if case == "label level of a csv" else "name"
+    return data_cfg(manifest=str(write_csv(tmp / "m.csv", rows)), label_level=level)
 
 
 def bad_json(photos, case: str) -> dict:
@@ -173,6 +174,7 @@ REFUSALS = {  # case: (builder, words the sentence must hold)
     "empty label": (bad_csv, ["Row 5 (line 6)", "empty label"]),
     "split value": (bad_csv, ["Row 3 (line 4)", "'validation'", "train, val, test"]),
     "test row is a training row": (bad_csv, ["1 test row(s)", "training or validation images"]),
+    "label level of a csv": (bad_csv, ["data.label_level=genus", "label column"]),
     "missing key": (bad_json, ["no key 'annotations'"]),
     "unknown image": (bad_json, ["image id 7", "'images' does not have"]),
     "unknown category": (bad_json, ["category id 42"]),

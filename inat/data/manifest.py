@@ -138,6 +138,9 @@ def read_manifest(path: str | Path, level: str = "name", *, test: bool = False) 
     allowed = ("test",) if test else MANIFEST_SPLITS
     if path.suffix.lower() not in (".csv", ".json"):
         raise InatError(f"Manifest '{path}' is neither a .csv nor a .json file.")
+    if path.suffix.lower() == ".csv" and level != "name" and not test:  # a test CSV names the level's classes
+        raise InatError(f"data.label_level={level} chooses a taxonomy level of an iNaturalist JSON; the CSV "
+                        f"manifest '{path}' names each class in its label column, so leave data.label_level unset.")
     text = _open(path)
     # One run reads its manifest several times (check, train, val, test): an iNaturalist JSON of
     # millions of images is parsed once per content, not once per reader.
