@@ -32,3 +32,5 @@ ONNX_EXPORTERS: Tuple[str, ...] = ("legacy", "dynamo")
 # export.quantize: none = fp32 only; dynamic = int8 weights, activations quantized per batch at run time;
 # static = int8 weights and activations, activation ranges calibrated on training-split images.
 QUANTIZE_MODES: Tuple[str, ...] = ("none", "dynamic", "static")
+# The values of a manifest's split column (inat.data.manifest); a row without one trains.
+MANIFEST_SPLITS: Tuple[str, ...] = ("train", "val", "test")

@@ -33,6 +33,11 @@ class DataConfig:
     cache_dir: str = ""  # "" = $INAT_CACHE, else ~/.cache/inat
     # Decode workers for the cache build; 0 = the CPUs this process may use (its affinity mask).
     workers: int = 0
+    # A CSV (path,label[,split]) or iNaturalist JSON listing the images instead of class folders
+    # under root (paths relative to the file); test_manifest gives the test set the same way.
+    manifest: Optional[str] = None
+    test_manifest: Optional[str] = None
+    label_level: str = "name"  # iNaturalist JSON: the category key that names a class (name, genus, ...)
     # Normalisation and interpolation are not data options: each model's ModelSpec brings
     # its own (ImageNet statistics for the scratch CNN, the weights' own for backbones).
 

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from inat.calibration import REJECTION_KEY, apply_temperature, checkpoint_threshold, coverage_at, risk_coverage
+from inat.data.dataset import dataset_root
 from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check_leakage re-exported
 from inat.errors import InatError
 from inat.predictor import Predictor
@@ -104,8 +105,10 @@ def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module,
 
 
 def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[str] = None,
-                    batch_size: int = 256, progress: bool = True, precision: str = "auto") -> Dict[str, Any]:
-    """Score ``ckpt_path`` on the test folder of ``data_root`` (default: the run's root).
+                    batch_size: int = 256, progress: bool = True, precision: str = "auto",
+                    test_manifest: Optional[str] = None) -> Dict[str, Any]:
+    """Score ``ckpt_path`` on the test folder of ``data_root`` (default: the run's root), or on
+    the test rows of the run's manifest, or on ``test_manifest`` when given.
 
     ``precision`` is this process's policy (``train.precision`` of the command, ``auto`` by
     default), not the one the checkpoint was trained under: another machine may lack it.
@@ -114,9 +117,10 @@ def test_checkpoint(ckpt_path: str | Path, out_dir: Path, data_root: Optional[st
     predictor = Predictor.from_checkpoint(ckpt_path, precision=precision, announce=True)
     state, classes, spec = predictor.state, predictor.classes, predictor.spec
     cfg = OmegaConf.create(state["config"])
-    root = Path(data_root or cfg.data.root)
+    root = Path(data_root) if data_root else dataset_root(cfg.data, fetch=False)
     folder, cache = read_test_set(state, root, int(spec.input_size), purpose="test mode", interpolation=spec.interpolation,
-                                  crop_pct=float(spec.crop_pct), cache_dir=cfg.data.cache_dir, progress=progress)
+                                  crop_pct=float(spec.crop_pct), cache_dir=cfg.data.cache_dir, progress=progress,
+                                  test_manifest=test_manifest)
     logits = predictor.logits(cache.images, batch_size=batch_size, progress="test" if progress else None)
     y = np.asarray(folder.labels)
     pred = logits.argmax(1).numpy()

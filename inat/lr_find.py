@@ -77,7 +77,7 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
     command repeats them.
     """
     from inat.data.augment import BatchAugment
-    from inat.data.folder import scan_train
+    from inat.data.dataset import scan_train_set
     from inat.models import build_from_config
     from inat.inference import pick_device, process_precision
     from inat.training.data import SEED_AUG, SEED_INIT, SEED_ORDER, load_data, resolve_root
@@ -88,7 +88,7 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
         torch.set_num_threads(int(cfg.train.threads))
     device = pick_device()
     root = resolve_root(cfg.data)
-    folder = scan_train(root)
+    folder = scan_train_set(cfg.data, root)
     torch.manual_seed(cfg.seed * 1000 + SEED_INIT)
     model = build_from_config(cfg, len(folder.classes))
     spec = model.spec

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from inat.data.dataset import audit_sources, dataset_root, uses_manifest
 from inat.data.folder import (IMAGE_EXTENSIONS, check_root, class_dirs, find_test_dir, find_val_dir,
                               linked_class_folders, test_access)
 from inat.errors import InatError
@@ -289,24 +290,14 @@ def _inspect_all(paths: List[str], workers: int, progress: bool) -> List[Dict[st
         return list(tqdm(pool.imap(inspect_file, paths, chunksize=64), **bar))
 
 
-def audit_dataset(
-    root: Path,
-    *,
-    workers: int = 2,
-    near_distance: int = NEAR_DISTANCE,
-    min_side: int = MIN_SIDE,
-    progress: bool = True,
-) -> Dict[str, Any]:
-    """Audit every file of ``root``'s ``train/`` and test folder; return the report as a dict.
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (``../`` where a manifest points outside its folder), with slashes."""
+    return Path(os.path.relpath(path, root)).as_posix()
 
-    The report (what ``audit.json`` holds) has per-split class counts, the lists of
-    non-image, unreadable and truncated files, grayscale/CMYK/palette/other-mode and tiny
-    (shorter side < ``min_side``) images, class folders that are links onto another, and byte-identical and near-duplicate (perceptual hash within
-    ``near_distance`` bits) groups, each split into ``within_class``, ``across_classes`` and
-    ``across_splits`` (train/test leakage). Paths are relative to ``root``. Nothing stops it
-    early: every problem is listed. The test folder is listed under ``test_access("audit")``.
-    """
-    started = time.perf_counter()
+
+def _list_folders(root: Path) -> Tuple[Path, Dict[str, str], Dict[str, Listing]]:
+    """The class-folder layout: ``(root, {split: folder name}, {split: listing})``, the test folder
+    listed under ``test_access("audit")``."""
     root = check_root(root)
     split_dirs: Dict[str, Path] = {"train": root / "train"}
     if find_val_dir(root) is not None:  # train/ + val/ + test/: val/ is the given validation split
@@ -317,11 +308,42 @@ def audit_dataset(
         except InatError:
             pass  # a root without a test folder can still be audited; the report says so
         listings = {split: _list_split(folder) for split, folder in split_dirs.items()}
+    return root, {split: folder.name for split, folder in split_dirs.items()}, listings
+
+
+def audit_dataset(
+    root: Path,
+    *,
+    workers: int = 2,
+    near_distance: int = NEAR_DISTANCE,
+    min_side: int = MIN_SIDE,
+    progress: bool = True,
+    data_cfg: Any = None,
+) -> Dict[str, Any]:
+    """Audit every file of ``root``'s ``train/`` and test folder (or every row of ``data_cfg``'s
+    manifests, when it names one); return the report as a dict.
+
+    The report (what ``audit.json`` holds) has per-split class counts, the lists of
+    non-image, unreadable and truncated files, grayscale/CMYK/palette/other-mode and tiny
+    (shorter side < ``min_side``) images, class folders that are links onto another, and byte-identical and near-duplicate (perceptual hash within
+    ``near_distance`` bits) groups, each split into ``within_class``, ``across_classes`` and
+    ``across_splits`` (train/test leakage). Paths are relative to ``root``. Nothing stops it
+    early: every problem is listed. The test folder is listed under ``test_access("audit")``.
+    """
+    started = time.perf_counter()
+    if data_cfg is not None and uses_manifest(data_cfg):
+        root = dataset_root(data_cfg, fetch=False)
+        with test_access("audit"):
+            sources = audit_sources(data_cfg)
+        names = {split: name for split, (name, _) in sources.items()}
+        listings = {split: Listing(rows, sorted({c for c, _ in rows}), [], []) for split, (_, rows) in sources.items()}
+    else:
+        root, names, listings = _list_folders(root)
 
     files: List[Dict[str, Any]] = []
     for split, listing in listings.items():
         for class_name, path in listing.files:
-            files.append({"path": path.relative_to(root).as_posix(), "split": split, "class": class_name, "abs": str(path)})
+            files.append({"path": _relative(path, root), "split": split, "class": class_name, "abs": str(path)})
     results = _inspect_all([f["abs"] for f in files], workers, progress)
     for f, result in zip(files, results):
         del f["abs"]
@@ -336,7 +358,7 @@ def audit_dataset(
             counts[class_name] += 1
         in_split = [f for f in files if f["split"] == split]
         splits[split] = {
-            "folder": split_dirs[split].name,
+            "folder": names[split],
             "files": len(in_split),
             "images": sum(f["status"] == "ok" for f in in_split),
             "counts": counts,
@@ -356,17 +378,17 @@ def audit_dataset(
         "other_mode": [entry(f, "mode") for f in ok
                        if f["mode"] not in GRAYSCALE_MODES | NORMAL_MODES | {"CMYK", "P", "PA"}],
         "tiny": [entry(f, "width", "height") for f in ok if min(f["width"], f["height"]) < min_side],
-        "stray_files": [p.relative_to(root).as_posix() for listing in listings.values() for p in listing.stray],
-        "linked_classes": [{"path": link.relative_to(root).as_posix(), "target": target, "overlap": overlap}
+        "stray_files": [_relative(p, root) for listing in listings.values() for p in listing.stray],
+        "linked_classes": [{"path": _relative(link, root), "target": target, "overlap": overlap}
                            for listing in listings.values() for link, target, overlap in listing.linked],
-        "empty_classes": [f"{split_dirs[s].name}/{c}" for s, data in splits.items() for c, n in data["counts"].items() if n == 0],
+        "empty_classes": [f"{names[s]}/{c}" for s, data in splits.items() for c, n in data["counts"].items() if n == 0],
         "test_only_classes": [c for c in (listings["test"].classes if "test" in listings else [])
                               if c not in train_classes],
     }
     exact, near = _group_duplicates(files, near_distance)
     return {
         "root": str(root),
-        "test_folder": split_dirs["test"].name if "test" in split_dirs else None,
+        "test_folder": names.get("test"),
         "classes": classes,
         "splits": splits,
         "problems": problems,
@@ -391,20 +413,25 @@ def _show(lines: List[str], items: Sequence[str]) -> None:
         lines.append(f"    ... and {len(items) - SHOW_ITEMS} more (see audit.json)")
 
 
+def _where(folder: str) -> str:
+    """A split's source as the summary shows it: ``val/`` for a folder, ``train.csv`` for a manifest."""
+    return folder if Path(folder).suffix.lower() in (".csv", ".json") else f"{folder}/"
+
+
 def format_summary(report: Dict[str, Any]) -> str:
     """A readable multi-line summary of an ``audit_dataset`` report."""
     splits = report["splits"]
     total = sum(s["files"] for s in splits.values())
     lines = [f"Audit of {report['root']}: {_plural(total, 'file')}, {_plural(len(report['classes']), 'class')} "
              f"({report['seconds']:.1f} s, {report['settings']['workers']} workers)", ""]
-    heads = [f"{name} ({s['folder']}/)" if name != s["folder"] else f"{name}/" for name, s in splits.items()]
+    heads = [f"{name} ({_where(s['folder'])})" if name != s["folder"] else f"{name}/" for name, s in splits.items()]
     width = max([len(c) for c in report["classes"]] + [5])
     lines.append("  " + "class".ljust(width) + "".join(h.rjust(14) for h in heads))
     for c in report["classes"]:
         lines.append("  " + c.ljust(width) + "".join(str(s["counts"].get(c, 0)).rjust(14) for s in splits.values()))
     lines.append("  " + "total".ljust(width) + "".join(str(s["files"]).rjust(14) for s in splits.values()))
     if report["test_folder"] is None:
-        lines.append("  (no test folder: expected test/ or val/)")
+        lines.append("  (no test set: expected test/ or val/, split=test rows or data.test_manifest)")
     lines.append("")
 
     p = report["problems"]

@@ -238,13 +238,28 @@ def test_access(purpose: str) -> Iterator[None]:
         _TEST_ACCESS.reset(token)
 
 
-def scan_test(root: Path, classes: Sequence[str]) -> FolderSplit:
-    """The test folder, only inside ``test_access``: everything else is refused."""
+def check_test_access() -> None:
+    """Refuse unless inside ``test_access``: the test set is read by test mode (and explain/report) only."""
     if _TEST_ACCESS.get() is None:
         raise InatError(
-            "The test folder may only be read by test mode (+mode=test) or by explain/report on request; "
-            "training, validation and sweeps use train/ only."
+            "The test set may only be read by test mode (+mode=test) or by explain/report on request; "
+            "training, validation and sweeps use the training images only."
         )
+
+
+def check_not_train(root: Path) -> Path:
+    """The test folder of ``root``, refused when it is ``train/`` itself (e.g. ``val -> train`` symlink)."""
+    test_dir = find_test_dir(root)
+    train_dir = Path(root) / "train"
+    if train_dir.exists() and os.path.samefile(test_dir, train_dir):
+        raise InatError(f"The test folder '{test_dir}' is the training folder '{train_dir}' (a symbolic link?); "
+                        f"a score on it would measure training images, so it was not computed.")
+    return test_dir
+
+
+def scan_test(root: Path, classes: Sequence[str]) -> FolderSplit:
+    """The test folder, only inside ``test_access``: everything else is refused."""
+    check_test_access()
     return scan_folder(find_test_dir(root), classes, allow_empty_class=True)
 
 

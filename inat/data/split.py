@@ -1,6 +1,7 @@
 """Stratified, seeded train/validation split of ``train/`` and its manifest."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -59,7 +60,7 @@ def write_manifest(path: Path, root: Path, classes: Sequence[str], paths: Sequen
     was carved from train/ by ``split_seed`` and ``val_fraction`` ("carved").
     """
     def rows(idx: np.ndarray) -> List[Dict]:
-        return [{"path": str(Path(paths[i]).relative_to(root)), "label": int(labels[i]), "sha1": hashes[i]} for i in idx]
+        return [{"path": os.path.relpath(paths[i], root), "label": int(labels[i]), "sha1": hashes[i]} for i in idx]
 
     manifest = {"root": str(root), "classes": list(classes), "validation": "given" if given_val else "carved",
                 "split_seed": seed, "val_fraction": val_fraction, "train": rows(train_idx), "val": rows(val_idx)}

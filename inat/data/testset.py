@@ -7,12 +7,12 @@ a single score is computed.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
 from inat.data.cache import ImageCache, load_or_build
-from inat.data.folder import FolderSplit, find_test_dir, scan_test, test_access
+from inat.data.dataset import scan_test_set
+from inat.data.folder import FolderSplit, check_not_train, test_access  # noqa: F401 - check_not_train re-exported
 from inat.errors import InatError
 
 
@@ -34,31 +34,25 @@ def check_leakage(test_sha1: Sequence[str], test_paths: Sequence[Path], state: D
                         f"(first: {first}); the test score would be inflated, so it was not computed.")
 
 
-def check_not_train(root: Path) -> Path:
-    """The test folder of ``root``, refused when it is ``train/`` itself (e.g. ``val -> train`` symlink)."""
-    test_dir = find_test_dir(root)
-    train_dir = Path(root) / "train"
-    if train_dir.exists() and os.path.samefile(test_dir, train_dir):
-        raise InatError(f"The test folder '{test_dir}' is the training folder '{train_dir}' (a symbolic link?); "
-                        f"a score on it would measure training images, so it was not computed.")
-    return test_dir
-
-
 def read_test_set(state: Dict[str, Any], root: str | Path, size: int, *, purpose: str, interpolation: str = "bilinear",
-                  crop_pct: float = 1.0, cache_dir: str = "", progress: bool = True) -> Tuple[FolderSplit, ImageCache]:
-    """List and decode the test folder of ``root`` for checkpoint ``state``, behind the leak guard.
+                  crop_pct: float = 1.0, cache_dir: str = "", progress: bool = True,
+                  test_manifest: str | None = None) -> Tuple[FolderSplit, ImageCache]:
+    """List and decode the test set of checkpoint ``state`` behind the leak guard: the test folder
+    of ``root``, or the test rows of the run's manifest (``test_manifest`` replaces the run's).
 
     ``purpose`` names the caller in the test-folder guard ("test mode", "explain").
-    Returns the folder listing and the decoded (N, size, size, 3) uint8 cache.
+    Returns the listing and the decoded (N, size, size, 3) uint8 cache.
     """
     root = Path(root)
     classes = list(state["classes"])
     _split_hashes(state)  # before decoding anything: without hashes nothing may be scored
+    data_cfg = {**state.get("config", {}).get("data", {}), "root": str(root)}
+    if test_manifest:
+        data_cfg["test_manifest"] = str(test_manifest)
     with test_access(purpose):
-        check_not_train(root)
-        folder = scan_test(root, classes)
+        folder = scan_test_set(data_cfg, root, classes)
         if len(folder) == 0:
-            raise InatError(f"The test folder of '{root}' has no images.")
+            raise InatError(f"The test set of '{root}' has no images.")
         cache = load_or_build(folder.paths, size, interpolation=interpolation, crop_pct=crop_pct,
                               directory=cache_dir, label="test/", progress=progress)
     check_leakage(cache.sha1, list(folder.paths), state, root)

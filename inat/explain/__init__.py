@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from inat.choices import EXPLAIN_FIGURES
+from inat.data.dataset import dataset_root
 from inat.errors import InatError
 from inat.run_folder import EXPLAIN_FILE, GRADCAM
 
@@ -56,7 +57,7 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_checkpoint(ckpt)  # the checkpoint is read once
     state, model, spec, classes = predictor.state, predictor.model, predictor.spec, predictor.classes
-    root = data_root or predictor.config["data"]["root"]
+    root = data_root or dataset_root(predictor.config["data"], fetch=False)  # a manifest's folder, else data.root
 
     scores = None
     needs_scores = bool({"grid", "guided_backprop", "confusion", "gradcam"} & set(what)) or ("filters" in what and not image)

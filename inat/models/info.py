@@ -7,6 +7,7 @@ from typing import Any, Dict
 import torch
 from omegaconf import DictConfig
 
+from inat.data.dataset import dataset_root, scan_train_set, uses_manifest
 from inat.errors import InatError
 from inat.models import build_from_config
 from inat.models.scratch import FORMULA_MACS, FORMULA_PARAMS, count_macs, count_params
@@ -32,7 +33,9 @@ def scratch_counts(cfg: DictConfig) -> Dict[str, Any]:
         raise InatError("+mode=info gives closed-form counts for model=scratch; pretrained backbones report measured counts in summary.json.")
     num_classes = 10
     root = Path(cfg.data.root)
-    if (root / "train").is_dir():
+    if uses_manifest(cfg.data):
+        num_classes = len(scan_train_set(cfg.data, dataset_root(cfg.data, fetch=False)).classes)
+    elif (root / "train").is_dir():
         num_classes = sum(1 for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
     model = build_from_config(cfg, num_classes)
     arch = model.arch

@@ -20,9 +20,10 @@ def command_overrides() -> List[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def data_root_overridden() -> bool:
-    """Whether ``data.root=`` is among the command's own overrides (test and explain then score that root).
+def data_root_overridden(key: str = "root") -> bool:
+    """Whether ``data.root=`` (or ``data.<key>=``) is among the command's own overrides (test and
+    explain then score that root, test mode that ``data.test_manifest``).
 
     Without it they use the root the checkpoint was trained on, not the config's default.
     """
-    return any(o.startswith("data.root=") for o in command_overrides())
+    return any(o.startswith(f"data.{key}=") for o in command_overrides())

@@ -1,7 +1,8 @@
-"""``python run.py +mode=test ckpt=PATH [data.root=ROOT]``: the checkpoint scored on the test folder once.
+"""``python run.py +mode=test ckpt=PATH [data.root=ROOT | data.test_manifest=FILE]``: score the test set once.
 
 Writes ``test.json`` and ``reliability.png`` into the output folder (``inat.holdout``).
-The data root is the checkpoint's own unless ``data.root`` is among the command's overrides.
+The data root (and test manifest) is the checkpoint's own unless ``data.root`` (or
+``data.test_manifest``) is among the command's overrides.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def run(cfg: Any, out_dir: Path) -> None:
     from inat.run_folder import TEST
 
     result = test_checkpoint(cfg.ckpt, out_dir, cfg.data.root if data_root_overridden() else None,
-                             precision=cfg.train.precision)
+                             precision=cfg.train.precision,
+                             test_manifest=cfg.data.test_manifest if data_root_overridden("test_manifest") else None)
     print_test(result)
     print(f"wrote {Path(out_dir) / TEST}")

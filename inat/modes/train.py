@@ -14,12 +14,12 @@ def run(cfg: Any, out_dir: Path) -> Optional[float]:
     """
     rank, _ = world()
     will_test = bool(cfg.train.then_test) and not in_multirun()
-    if will_test and rank == 0 and (Path(cfg.data.root) / "train").is_dir():
-        # Folder names only, before the whole training: a missing test folder or a test class
-        # train/ lacks would otherwise surface after summary.json was written.
-        from inat.data.folder import check_test_folder, scan_train
+    if will_test and rank == 0:
+        # Names and paths only, before the whole training: a missing test set or a test class
+        # training lacks would otherwise surface after summary.json was written.
+        from inat.data.dataset import check_test_set
 
-        check_test_folder(Path(cfg.data.root), scan_train(Path(cfg.data.root)).classes)
+        check_test_set(cfg.data)
     callback = None
     if in_multirun() and cfg.sweep.prune:
         from inat.sweep.prune import should_stop

@@ -84,6 +84,11 @@ class Run:
         return float(self.test["accuracy"]) if self.test and self.test.get("accuracy") is not None else None
 
     @property
+    def dataset(self) -> str:
+        """Where the run's images came from: its ``data.manifest``, else its ``data.root``."""
+        return str(self.get("data.manifest") or self.get("data.root", "?"))
+
+    @property
     def best_ckpt(self) -> Optional[Path]:
         p = self.path / run_folder.BEST
         return p if p.is_file() else None

@@ -91,5 +91,5 @@ def run_provenance(run: Run, machine: Dict[str, str]) -> Dict[str, Any]:
         env["precision"] = run.summary.precision
     # A sweep trial's overrides.yaml holds its sampled values: as a single run they reproduce it.
     command = " ".join(["python run.py", *run.overrides])
-    return {"run": run.name, "path": str(run.path), "command": command, "data_root": run.get("data.root", "?"),
+    return {"run": run.name, "path": str(run.path), "command": command, "data_root": run.dataset,
             "seeds": seeds, "env": env, "sweep": run.sweep}

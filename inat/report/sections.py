@@ -301,7 +301,7 @@ def finetune_section(runs: List[Run], scratch_best: Optional[Run], chart: Option
                  pct(best_tuned.val), pct(best_tuned.test_accuracy), _num(best_tuned.summary.params),
                  _num(best_tuned.summary.wall_seconds)]]
         out.append("<p>Scratch against fine-tuning (best of each by validation accuracy):</p>")
-        roots = {str(scratch_best.get("data.root")), str(best_tuned.get("data.root"))}
+        roots = {scratch_best.dataset, best_tuned.dataset}
         if len(roots) > 1:  # a cross-dataset gap says nothing about fine-tuning
             out.append(f"<p class=\"note\"><b>Not comparable:</b> the two runs used different datasets "
                        f"({esc(', '.join(sorted(roots)))}).</p>")

@@ -136,12 +136,11 @@ def check_dataset(data_cfg: Any) -> None:
     with nothing written. The trials still resolve the root themselves (cheap once it exists).
     """
     from inat.cli import fail
-    from inat.data.download import ensure_dataset
-    from inat.data.folder import scan_train
+    from inat.data.dataset import dataset_root, scan_train_set
     from inat.errors import InatError
 
     try:
-        scan_train(ensure_dataset(data_cfg))
+        scan_train_set(data_cfg, dataset_root(data_cfg))
     except InatError as err:
         fail(str(err))
 
@@ -246,7 +245,7 @@ class InatOptunaSweeper(OptunaSweeper):
             raise ValueError("InatOptunaSweeper optimises one objective (validation accuracy); "
                              f"got directions {directions}.")
 
-        if "data.root" not in distributions:  # a swept root is checked by each trial
+        if not {"data.root", "data.manifest"} & set(distributions):  # each trial checks a swept root or manifest
             check_dataset(cfg.data)
         # SQLite cannot create the folder its file lives in, and Hydra makes it only at launch.
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -197,7 +197,8 @@ def plan_workers(n: int, overrides: Sequence[str], python: str = sys.executable,
         note += f"; WAL mode, {SQLITE_TIMEOUT_S:g} s busy timeout, on a local disk (not NFS)"
     elif url.startswith("redis"):
         note += "; Redis keeps no heartbeats, so a trial whose worker dies stays RUNNING"
-    if "data.root" not in swept and "data.root" not in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}):
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    if not any(key in swept or key in params for key in ("data.root", "data.manifest")):
         check_dataset(cfg.data)  # once here (a first download shows on the console), not in N logs
     so_far = prepare_storage(url, study_name)
     gpus = visible_gpus() if gpus is None else list(gpus)

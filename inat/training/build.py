@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from inat.data.folder import scan_train
+from inat.data.dataset import scan_train_set
 from inat.data.split import write_manifest
 from inat.errors import InatError
 from inat.inference import Precision, pick_device, process_precision
@@ -112,7 +112,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     check_schedule(cfg.optim.schedule)
     precision = process_precision(cfg.train.precision, device, announce=is_main)
     root = resolve_root(cfg.data)
-    folder = scan_train(root)
+    folder = scan_train_set(cfg.data, root)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     saved = resume.load_last(Path(run_dir), cfg_dict, cfg.resume)
     if saved is None and cfg.resume == "auto" and is_main:

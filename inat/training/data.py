@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from inat.data.cache import load_or_build
-from inat.data.folder import FolderSplit, find_val_dir, scan_val
+from inat.data.dataset import dataset_root, scan_train_set, scan_val_set
+from inat.data.folder import FolderSplit
 from inat.data.split import build_split
 from inat.errors import InatError
 from inat.models import ModelSpec
@@ -42,26 +43,25 @@ class TrainData:
 
 
 def resolve_root(data_cfg: Any) -> Path:
-    """The dataset root, downloading nature_12K on first use (once per node under torchrun)."""
-    from inat.data.download import ensure_dataset
-
-    return Path(distributed.local_first(lambda: ensure_dataset(data_cfg)))
+    """The dataset root (a manifest's folder), downloading nature_12K on first use (once per node under torchrun)."""
+    return Path(distributed.local_first(lambda: dataset_root(data_cfg)))
 
 
 def load_data(data_cfg: Any, spec: ModelSpec, root: Path, folder: FolderSplit, progress: bool = True) -> TrainData:
     """Decode train/ once at the model's input size and split it, stratified and seeded.
 
-    When the root has train/, val/ and test/, val/ is the validation split as given (decoded
-    into the same cache, after train/'s files) and nothing is carved from train/.
+    When the root has train/, val/ and test/ (or the manifest has split=val rows), that is the
+    validation split as given (decoded into the same cache, after the training files) and
+    nothing is carved from the training images.
     Under torchrun each node's local rank 0 builds the cache while the other ranks wait at
     a barrier, then they map the finished file; every rank then checks that it read the same
     images as rank 0.
     """
     n_train = len(folder)
-    given = find_val_dir(root) is not None
+    val = scan_val_set(data_cfg, root, folder.classes)
+    given = val is not None
     label = "train/"
     if given:
-        val = scan_val(root, folder.classes)
         folder = FolderSplit(folder.root, folder.classes, folder.paths + val.paths, folder.labels + val.labels)
         label = "train/ + val/"
     cache = distributed.local_first(lambda: load_or_build(
@@ -87,19 +87,18 @@ def checkpoint_split(state: Dict[str, Any], spec: ModelSpec, purpose: str, sides
     """
     from omegaconf import OmegaConf
 
-    from inat.data.folder import scan_train
-
     cfg = OmegaConf.create(state["config"])
-    root = Path(cfg.data.root)
-    data = load_data(cfg.data, spec, root, scan_train(root), progress=progress)
+    root = dataset_root(cfg.data, fetch=False)
+    data = load_data(cfg.data, spec, root, scan_train_set(cfg.data, root), progress=progress)
     saved = state.get("split_sha1", {})
     for side in sides:
         idx = data.val_idx if side == "val" else data.train_idx
         expected = saved.get(side)
         if expected is not None and [data.sha1[i] for i in idx] != list(expected):
             name = "validation" if side == "val" else "training"
-            raise InatError(f"The {name} split rebuilt from '{root}/train' differs from the run's, so {purpose}; "
-                            f"the train folder changed since training.")
+            where = cfg.data.get("manifest") or f"{root}/train"
+            raise InatError(f"The {name} split rebuilt from '{where}' differs from the run's, so {purpose}; "
+                            f"the training images changed since training.")
     return data
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from inat.data.folder import roles
+from inat.data.dataset import describe_roles
 from inat.errors import Preempted
 from inat.run_folder import LAST
 from inat.runs import acquire_run_lock, world
@@ -240,7 +240,7 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable], cal
     s.writer.say(f"{spec.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters, {len(s.data.classes)} "
                  f"classes, {len(s.data.train_idx)} train / {len(s.data.val_idx)} val images at {spec.input_size}px "
                  f"on {s.device}, input: {s.source.kind}")
-    s.writer.say(f"data: {roles(s.data.root)}")
+    s.writer.say(f"data: {describe_roles(cfg.data, s.data.root)}")
     stop_reason = "epochs"
     for epoch in range(state["epoch"], epochs):
         if cfg.finetune.strategy != "none":
