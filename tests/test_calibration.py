@@ -143,7 +143,7 @@ def test_a_changed_train_folder_gives_no_temperature_not_a_traceback(trained_run
     with pytest.raises(InatError, match="differs from the run's"):
         validation_logits(state, model, torch.device("cpu"))
     assert checkpoint_or_val_temperature(state, model, torch.device("cpu")) == (None, "none")
-    assert "the train folder changed since training" in capsys.readouterr().out
+    assert "the training images changed since training" in capsys.readouterr().out
 
 
 def test_class_scores_by_hand():
