@@ -21,7 +21,7 @@ are counts and settings, not checked. Code spans, fenced blocks, link targets an
 not prose. Each block (a paragraph, a list item, a table row, a heading) names the sources of
 its numbers, in order, in one or more comments ``<!-- ev: SOURCE; SOURCE -->``. A source is
 ``file#key.path`` under ``experiments/`` (JSON, YAML or CSV; a CSV is its list of rows) or
-``conf/`` (settings), or ``inat/*.py`` (a default: ``inat/config.py#TrainConfig.epochs``), ``#key.path`` alone reuses the previous file, and it may be
+``conf/`` (settings), or a ``.py`` module under ``inat/`` or ``experiments/`` (a default or constant: ``inat/config.py#TrainConfig.epochs``), ``#key.path`` alone reuses the previous file, and it may be
 an expression of sources and constants joined by `` - ``, `` + ``, `` * ``, `` / ``
 (``#table[1].mean - #table[0].mean``; ``#total_seconds / 60``). A source that holds a string
 (a sentence a report stores) is matched when the number appears in it as written; ``SOURCE {n}``

@@ -22,6 +22,7 @@ from pathlib import Path
 from scipy import stats
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIDENCE = 0.95  # of the Welch interval of each difference from the first variant
 
 VARIANTS = {
     "default recipe": [],
@@ -74,8 +75,8 @@ def main() -> None:
         entry = {"variant": name, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                  "n": len(accs), "overrides": VARIANTS[name]}
         if name != a.variants[0] and len(accs) > 1 and len(base_accs) > 1:
-            # the difference from the first variant with Welch's t 95% interval; one that holds 0 is a tie
-            ci = stats.ttest_ind(accs, base_accs, equal_var=False).confidence_interval(0.95)
+            # the difference from the first variant with its Welch t interval; one that holds 0 is a tie
+            ci = stats.ttest_ind(accs, base_accs, equal_var=False).confidence_interval(CONFIDENCE)
             entry.update(diff=entry["mean"] - statistics.mean(base_accs), diff_ci95=[float(ci.low), float(ci.high)],
                          tie=bool(ci.low <= 0 <= ci.high))
         table.append(entry)
