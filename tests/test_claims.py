@@ -114,3 +114,13 @@ def test_prose_checker_reads_blocks_sources_and_expressions(tmp_path, monkeypatc
                      (good.replace("t.csv", "u.csv"), "not a file")):
         problems = claims.verify(claims.prose_claims(bad, "README.md"))
         assert problems and any(why in p for p in problems), (why, problems)
+
+
+def test_evidence_comments_do_not_break_table_headers():
+    """A comment after a header row's last pipe would add a cell and stop the table rendering."""
+    claims = claims_module()
+    for name in claims.PROSE_FILES:
+        lines = (REPO / name).read_text().splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if re.fullmatch(r"\|[-| :]+\|", lines[i + 1].strip()):
+                assert line.rstrip().endswith("|"), f"{name}:{i + 1}: text after the header row's last '|'"
