@@ -100,8 +100,9 @@ def test_offline_wandb_prints_one_line_and_the_run_ends_with_the_result(tmp_path
     folder = Path(re.search(r"wandb offline: (\S+)", about_wandb[0]).group(1))
     assert folder.is_dir() and folder.name.startswith("offline-run-") and any(folder.glob("*.wandb"))
     stdout = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-    # The result is the last thing printed: accuracy, macro-F1, then one line per class.
-    assert stdout[-4].startswith("test accuracy") and stdout[-3].startswith("macro-F1"), stdout
+    # The result is the last thing printed: accuracy, macro-F1, the rejection line, then one line per class.
+    assert stdout[-5].startswith("test accuracy") and stdout[-4].startswith("macro-F1"), stdout[-7:]
+    assert "rejection threshold" in stdout[-3], stdout[-7:]
     assert [line.split()[0] for line in stdout[-2:]] == ["class_0", "class_1"], stdout
 
 
