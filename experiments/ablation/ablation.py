@@ -6,6 +6,16 @@ seeds; the test folder is scored once per run (test mode, after training).
 
     python experiments/ablation/ablation.py --data ../shared/datasets/imagewoof10 --size 64 \
         --epochs 4 --seeds 0 1 2 --out experiments/ablation/result.json   # or --minutes M
+
+``--set finetune`` compares the freezing strategies of EfficientNet-Lite0 (offline ImageNet
+weights) with each other and with the scratch CNN on flowers5, the same way (the first
+variant is the reference of the intervals):
+
+    python experiments/ablation/ablation.py --set finetune --epochs 3 --seeds 0 1 2 \
+        --out experiments/finetune/seeds.json
+
+Fixed epochs rather than a time budget make the accuracies immune to other jobs on the
+machine; the train seconds each run records are then not a speed comparison.
 """
 from __future__ import annotations
 
@@ -24,7 +34,7 @@ from scipy import stats
 REPO = Path(__file__).resolve().parents[2]
 CONFIDENCE = 0.95  # of the Welch interval of each difference from the first variant
 
-VARIANTS = {
+RECIPE = {
     "default recipe": [],
     "- label smoothing": ["optim.label_smoothing=0"],
     "- augmentation (flip+shift, TTA)": ["aug=none"],
@@ -35,27 +45,54 @@ VARIANTS = {
                                           "optim.schedule=constant", "optim.warmup_epochs=0", "optim.label_smoothing=0"],
 }
 
+# Part B's strategies as experiments/finetune/run_all.sh runs them (160 px, batch 32, lr 2e-3, basic
+# augmentation), and the scratch CNN with its CPU defaults (96 px, 5 x 32 filters) for 40 epochs.
+LITE0 = ["model=efficientnet_lite0", "model.input_size=160", "train.batch_size=32", "train.lr=2e-3", "aug=basic"]
+FINETUNE = {
+    "Lite0 partial (k=5)": [*LITE0, "finetune=partial_k=5"],
+    "Lite0 full (lr_decay 0.6)": [*LITE0, "finetune=full", "finetune.lr_decay=0.6"],
+    "Lite0 gradual (every epoch)": [*LITE0, "finetune=gradual", "finetune.every=1"],
+    "Lite0 linear probe": [*LITE0, "finetune=linear_probe"],
+    "scratch CNN, defaults, 40 epochs": ["data.image_size=96", "train.epochs=40"],
+}
+
+# set name -> (variants, default data folder, default data.image_size or None to leave the config's)
+SETS = {"recipe": (RECIPE, "imagewoof10", 64), "finetune": (FINETUNE, "flowers5", None)}
+
+
+def command(data: str, size: int | None, seed: int, epochs: int, minutes: float, run_dir: Path,
+            overrides: list[str]) -> list[str]:
+    """run.py with the comparison's settings; a variant's own value of a key replaces the shared one."""
+    shared = [*([f"data.image_size={size}"] if size else []), f"seed={seed}",
+              *(["train.max_minutes=0", f"train.epochs={epochs}"] if epochs else
+                [f"train.max_minutes={minutes}", "train.epochs=40"]), "wandb.mode=disabled"]
+    own = {o.split("=", 1)[0] for o in overrides}
+    return [sys.executable, "run.py", f"data.root={data}", *[o for o in shared if o.split("=", 1)[0] not in own],
+            f"hydra.run.dir={run_dir}", *overrides]
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "imagewoof10"))
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--set", choices=sorted(SETS), default="recipe", help="which comparison")
+    p.add_argument("--data", default=None, help="default: imagewoof10 (recipe) or flowers5 (finetune)")
+    p.add_argument("--size", type=int, default=None, help="data.image_size; default 64 (recipe) or the config's")
     p.add_argument("--minutes", type=float, default=1.5)
     p.add_argument("--epochs", type=int, default=0,
                    help="train a fixed number of epochs instead of a time budget (immune to machine load)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=None, help="default: every variant of the set")
     p.add_argument("--out", default=str(REPO / "experiments" / "ablation" / "result.json"))
     a = p.parse_args()
+    VARIANTS, folder, size = SETS[a.set]
+    a.data = a.data or str(REPO.parent / "shared" / "datasets" / folder)
+    a.size = a.size if a.size is not None else size
+    a.variants = a.variants or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="inat_ablation_"))
     rows = []
     for seed in a.seeds:  # seeds outermost: machine noise spreads over all variants alike
         for name in a.variants:
             run_dir = work / f"{abs(hash(name))}_{seed}"
-            cmd = [sys.executable, "run.py", f"data.root={a.data}", f"data.image_size={a.size}", f"seed={seed}",
-                   *([f"train.max_minutes=0", f"train.epochs={a.epochs}"] if a.epochs else
-                     [f"train.max_minutes={a.minutes}", "train.epochs=40"]), "wandb.mode=disabled",
-                   f"hydra.run.dir={run_dir}", *VARIANTS[name]]
+            cmd = command(a.data, a.size, seed, a.epochs, a.minutes, run_dir, VARIANTS[name])
             print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
             r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             if r.returncode != 0:
@@ -65,6 +102,7 @@ def main() -> None:
             rows.append({"variant": name, "seed": seed, "test_accuracy": test["accuracy"],
                          "best_val_accuracy": summary["best_val_accuracy"], "epochs": summary["epochs"],
                          "images_per_sec": summary["train_images_per_sec"], "precision": summary.get("precision"),
+                         "train_seconds": summary.get("train_seconds"), "macro_f1": test.get("macro_f1"),
                          "overrides": VARIANTS[name]})
             machine = {k: summary["environment"].get(k) for k in ("cpu", "cpu_count", "cpu_capability", "torch")}
             print(f"  {name} seed {seed}: test {test['accuracy']:.1%}, {summary['epochs']} epochs", flush=True)
@@ -80,7 +118,7 @@ def main() -> None:
             entry.update(diff=entry["mean"] - statistics.mean(base_accs), diff_ci95=[float(ci.low), float(ci.high)],
                          tie=bool(ci.low <= 0 <= ci.high))
         table.append(entry)
-    result = {"command": " ".join(shlex.quote(c) for c in sys.argv), "data": a.data, "size": a.size,
+    result = {"command": " ".join(shlex.quote(c) for c in sys.argv), "set": a.set, "data": a.data, "size": a.size,
               "minutes": None if a.epochs else a.minutes, "epochs": a.epochs or None, "seeds": a.seeds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": {**machine, "precision": sorted({str(r["precision"]) for r in rows})},
               "table": table, "runs": rows}
