@@ -46,14 +46,14 @@ RECIPE = {
 }
 
 # Part B's strategies as experiments/finetune/run_all.sh runs them (160 px, batch 32, lr 2e-3, basic
-# augmentation), and the scratch CNN with its CPU defaults (96 px, 5 x 32 filters) for 40 epochs.
+# augmentation), and the scratch CNN with its CPU defaults (96 px, 5 x 32 filters) for 20 epochs.
 LITE0 = ["model=efficientnet_lite0", "model.input_size=160", "train.batch_size=32", "train.lr=2e-3", "aug=basic"]
 FINETUNE = {
     "Lite0 partial (k=5)": [*LITE0, "finetune=partial_k=5"],
     "Lite0 full (lr_decay 0.6)": [*LITE0, "finetune=full", "finetune.lr_decay=0.6"],
     "Lite0 gradual (every epoch)": [*LITE0, "finetune=gradual", "finetune.every=1"],
     "Lite0 linear probe": [*LITE0, "finetune=linear_probe"],
-    "scratch CNN, defaults, 40 epochs": ["data.image_size=96", "train.epochs=40"],
+    "scratch CNN (96 px, 5 x 32), 20 epochs": ["data.image_size=96", "train.epochs=20"],
 }
 
 # set name -> (variants, default data folder, default data.image_size or None to leave the config's)
