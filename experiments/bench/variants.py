@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,6 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 VARIANTS = {
     "defaults": [],
     "bf16": ["train.precision=bf16"],
+    "fp32": ["train.precision=32"],
     "no_channels_last": ["train.channels_last=false"],
     "batch_128": ["train.batch_size=128"],
     "compile": ["train.compile=true"],
@@ -79,7 +81,10 @@ def main() -> None:
            "threads": torch.get_num_threads(), "torch": torch.__version__, "size": a.size, "seconds": a.seconds,
            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "images_per_sec": results,
-           "median": {n: round(statistics.median(v), 1) for n, v in results.items()}}
+           "median": {n: round(statistics.median(v), 1) for n, v in results.items()},
+           "mean": {n: round(statistics.mean(v), 1) for n, v in results.items()},
+           "std": {n: round(statistics.stdev(v), 1) if len(v) > 1 else 0.0 for n, v in results.items()},
+           "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA") if k in os.environ}}
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out["median"], indent=1))
 
