@@ -143,6 +143,11 @@ class TrainConfig:
     # with every class equally likely. One or the other: both together over-correct.
     class_weights: str = "none"  # none | auto
     balanced_sampler: bool = False
+    # Progressive resizing (inat.training.resize): train at resize_start px until resize_hold of the
+    # progress, grow to the input size by resize_full, then the input size. 0 = the input size throughout.
+    resize_start: int = 0
+    resize_hold: float = 0.4
+    resize_full: float = 0.8
 
 
 @dataclass
@@ -321,6 +326,7 @@ RANGES: Dict[str, str] = {
     "optim.label_smoothing": "[0, 1)", "optim.grad_clip": "[0, inf)",
     "train.epochs": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)", "train.devices": "[1, 1]",
     "train.ema": "[0, 1)", "train.early_stopping": "[0, inf)", "train.max_minutes": "[0, inf)",
+    "train.resize_start": "[0, 4096]", "train.resize_hold": "[0, 1]", "train.resize_full": "[0, 1]",
     "train.threads": "[0, inf)", "train.eval_batch_size": "[1, inf)", "train.log_every": "[0, inf)",
     "explain.seed": "[0, inf)", "explain.per_class": "[1, inf)", "explain.n_neurons": "[1, inf)",
     "explain.batch_size": "[1, inf)",

@@ -13,6 +13,7 @@ from typing import Any, List, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from inat.choices import ACTIVATIONS
 from inat.errors import InatError
@@ -169,9 +170,16 @@ class ScratchCNN(InatModel):
             drop=nn.Dropout(dropout if dropout_where in ("dense", "both") else 0.0),
         ))
         self.out = nn.Linear(arch.dense_units, arch.num_classes)
+        self.native_map = (feature_sides(arch.height)[-1], feature_sides(arch.width)[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, classes)
-        return self.out(self.dense(self.blocks(x)))
+        maps = self.blocks(x)
+        if maps.shape[-2:] != self.native_map:
+            # Another input size than the architecture's (progressive resizing trains smaller): average
+            # the last map to the native one, so the dense layer's input keeps its shape. At the native
+            # size nothing runs, so the model, its counts and its exports are the assignment's.
+            maps = F.adaptive_avg_pool2d(maps, self.native_map)
+        return self.out(self.dense(maps))
 
     def first_conv(self) -> nn.Conv2d:
         return self.blocks[0].conv

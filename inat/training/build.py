@@ -28,6 +28,7 @@ from inat.training.collectives import sum_over_ranks
 from inat.training.data import SEED_INIT, TrainData, load_data, resolve_root
 from inat.training.ema import ModelEMA
 from inat.training.optim import check_schedule, make_optimizer
+from inat.training.resize import ResizeSchedule, schedule_from
 from inat.training.sources import FeatureSource, ImageSource, PrefixViewSource
 from inat.training.writer import RunWriter
 
@@ -47,6 +48,7 @@ class Setup:
     wrapper: Optional[distributed.Wrapper]  # built once the source says which module the step trains
     writer: RunWriter
     ema: Optional[ModelEMA] = None
+    resize: Optional[ResizeSchedule] = None  # progressive resizing; None: the input size throughout
     cache_seconds: float = 0.0
     state: Dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "step": 0, "train_seconds": 0.0,
                                                            "best_val_accuracy": -1.0, "best_epoch": 0,
@@ -120,6 +122,13 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     torch.manual_seed(cfg.seed * 1000 + SEED_INIT)
     model: InatModel = build_from_config(cfg, len(folder.classes))
     spec = model.spec
+    resize = schedule_from(cfg.train, spec.input_size)  # checked before any image is decoded
+    ft = cfg.finetune
+    if resize is not None and ((ft.strategy == "linear_probe" and ft.cached_features) or
+                               (ft.strategy == "partial" and int(ft.cache_views) > 0)):
+        raise InatError(f"train.resize_start={resize.start} resizes the training images, but this run trains on "
+                        f"cached backbone outputs: set train.resize_start=0, or finetune.cached_features=false / "
+                        f"finetune.cache_views=0 to train on images.")
     if cfg.finetune.strategy != "none":
         from inat.models.freeze import setup_finetune
 
@@ -140,7 +149,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     optimizer = make_optimizer(model, cfg.train, cfg.optim, cfg.finetune, device)
     ema = ModelEMA(model, float(cfg.train.ema)) if float(cfg.train.ema) > 0 else None
     s = Setup(cfg, device, precision, model, data, None, optimizer, precision.grad_scaler(), None,
-              RunWriter(run_dir, cfg, cfg_dict, is_main, wandb_id=saved.get("wandb_id") if saved else None), ema)
+              RunWriter(run_dir, cfg, cfg_dict, is_main, wandb_id=saved.get("wandb_id") if saved else None), ema,
+              resize)
     if saved is not None:
         resume.restore(s, Path(run_dir), saved)
     t_cache = time.perf_counter()

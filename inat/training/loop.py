@@ -112,7 +112,10 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
     stopped = False
     for b, (x, target) in enumerate(batches, start):
         budget.tick(b)
-        set_lr(optimizer, lr_factor(budget.progress(state["step"]), warmup, cfg.optim.schedule))
+        progress = budget.progress(state["step"])
+        set_lr(optimizer, lr_factor(progress, warmup, cfg.optim.schedule))
+        if s.resize is not None:
+            x = s.resize(x, progress)
         with s.precision.autocast():
             logits = step_module(x)
             loss = criterion(logits, target)
