@@ -30,8 +30,10 @@ if TYPE_CHECKING:
     from inat.training.data import TrainData
     from inat.training.build import Setup
 
-# Keys allowed to differ between the first run and its resumption.
-FREE_KEYS = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep", "lr_find"}
+# The config's sections (and top-level keys) that change what training computes: a resumed run must
+# have the same values in each. Everything else (resume itself, ckpt, wandb, the other commands'
+# sections: mode, predict, export, ...) may differ, so a new command's section never blocks a resume.
+TRAINING_SECTIONS = ("data", "model", "act", "filters", "aug", "finetune", "optim", "train", "seed")
 
 # What a run folder holds before the first checkpoint, as patterns of top-level names: Hydra's
 # record (.hydra/) and job log (<job name>.log), the split, the run lock, wandb's folder, and
@@ -44,7 +46,7 @@ _CHANGE_WORDS = {"added": "added", "removed": "removed", "moved": "moved between
 
 
 def _comparable(config: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in FREE_KEYS}
+    return {k: config.get(k) for k in TRAINING_SECTIONS}
 
 
 def _word(resume: Any) -> str:
