@@ -77,37 +77,21 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
     command repeats them.
     """
     from inat.data.augment import BatchAugment
-    from inat.data.dataset import scan_train_set
-    from inat.models import build_from_config
-    from inat.inference import pick_device, process_precision
-    from inat.training.data import SEED_AUG, SEED_INIT, SEED_ORDER, load_data, resolve_root
-    from inat.training.optim import make_optimizer
+    from inat.inference import process_precision
+    from inat.models.freeze import set_train_mode
+    from inat.training.build import build_trainable, open_device
+    from inat.training.data import SEED_AUG, SEED_ORDER
 
     lf = cfg.lr_find  # its ranges, the rule and start_lr < end_lr were checked with the config
-    if int(cfg.train.threads) > 0:
-        torch.set_num_threads(int(cfg.train.threads))
-    device = pick_device()
-    root = resolve_root(cfg.data)
-    folder = scan_train_set(cfg.data, root)
-    torch.manual_seed(cfg.seed * 1000 + SEED_INIT)
-    model = build_from_config(cfg, len(folder.classes))
-    spec = model.spec
-    if cfg.finetune.strategy != "none":
-        from inat.models.freeze import set_train_mode, setup_finetune
-
-        setup_finetune(model, cfg.finetune)
-        set_train_mode(model, cfg.finetune)
-    else:
-        model.train()
-    data = load_data(cfg.data, spec, root, folder, progress=progress)
-    model.to(device)
-    if cfg.train.channels_last:  # the memory layout training uses, so the step costs what it will
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.train, cfg.optim, cfg.finetune, device)
+    device = open_device(cfg.train.threads)
+    # The model, data and optimizer a training run builds (build.build_trainable), without its run folder's files.
+    trainable = build_trainable(cfg, device, progress=progress)
+    model, data, optimizer, spec = trainable.model, trainable.data, trainable.optimizer, trainable.model.spec
+    set_train_mode(model, cfg.finetune)  # model.train(), BatchNorm of frozen groups kept in eval mode
     policy = process_precision(cfg.train.precision, device)
-    reference = float(cfg.train.lr)
-    bs = int(cfg.train.batch_size)
-    steps = min(int(lf.steps), len(data.train_idx) // bs)  # at most one epoch, whole batches
+    reference = cfg.train.lr
+    bs = cfg.train.batch_size
+    steps = min(lf.steps, len(data.train_idx) // bs)  # at most one epoch, whole batches
     if steps < MIN_STEPS:
         raise InatError(f"lr_find needs at least {MIN_STEPS} batches of train.batch_size={bs} from the train split "
                         f"({len(data.train_idx)} images give {steps}); use a smaller train.batch_size.")
@@ -115,7 +99,7 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
     order = torch.Generator().manual_seed(cfg.seed * 1000 + SEED_ORDER)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + SEED_AUG)  # on the batch's device, as training
     perm = data.train_idx[torch.randperm(len(data.train_idx), generator=order).numpy()]
-    lrs = ramp(float(lf.start_lr), float(lf.end_lr), steps)
+    lrs = ramp(lf.start_lr, lf.end_lr, steps)
     losses: List[float] = []
     stop = "ramp finished"
     for step, lr in enumerate(lrs):
@@ -124,23 +108,23 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
         idx = np.sort(perm[step * bs:(step + 1) * bs])
         x, target = augment(torch.from_numpy(np.array(data.images[idx])).to(device),
                             torch.from_numpy(data.labels[idx]).to(device), gen)
-        if cfg.train.channels_last:
+        if trainable.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with policy.autocast():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=float(cfg.optim.label_smoothing))
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.optim.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))  # one host sync per step: the curve is the product here
-        smoothed = smooth(losses, float(lf.smoothing))
-        if not math.isfinite(losses[-1]) or (step >= MIN_STEPS and smoothed[-1] > float(lf.diverge) * smoothed.min()):
+        smoothed = smooth(losses, lf.smoothing)
+        if not math.isfinite(losses[-1]) or (step >= MIN_STEPS and smoothed[-1] > lf.diverge * smoothed.min()):
             stop = "loss diverged"
             break
     n = len(losses)
     lrs, losses_arr = lrs[:n], np.asarray(losses)
     finite = np.isfinite(losses_arr)
-    smoothed = smooth_zero_phase(losses_arr[finite], float(lf.smoothing))
+    smoothed = smooth_zero_phase(losses_arr[finite], lf.smoothing)
     candidates = suggest(lrs[finite], smoothed)
     suggestion = candidates[lf.rule]
     if suggestion is None:

@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 from inat.runs import world
-from inat.training.loop import CALLBACKS, Callback
+from inat.training.callbacks import CALLBACKS, Callback
 
 SITE_HOOKS = Path(__file__).resolve().parent / "site_hooks"
 KILL_AFTER_EPOCH = "INAT_TEST_KILL_AFTER_EPOCH"

@@ -127,7 +127,7 @@ def test_fp16_trains_through_the_grad_scaler(tmp_path, monkeypatch):
 
         monkeypatch.setattr(s.scaler, name, counted)
     budget = Budget(0, 10, s.device)
-    train_one_epoch(s, 0, budget, loss_fn(s.cfg))
+    train_one_epoch(s, 0, budget, loss_fn(s.recipe))
     steps = s.state["step"]
     assert steps > 0 and calls == {"scale": steps, "step": steps, "update": steps}
     assert s.scaler.get_scale() > 0
@@ -186,11 +186,11 @@ def _count_host_syncs(monkeypatch):
     return counter
 
 
-def _cuda_optimizer(s):
-    """The optimizer ``setup`` builds on a GPU (fused), here on the CPU parameters: fused SGD has CPU kernels."""
+def _cuda_optimizer(s, cfg):
+    """The optimizer ``build`` makes on a GPU (fused), here on the CPU parameters: fused SGD has CPU kernels."""
     from inat.training.optim import make_optimizer
 
-    return make_optimizer(s.model, s.cfg.train, s.cfg.optim, s.cfg.finetune, torch.device("cuda"))
+    return make_optimizer(s.model, cfg.train, cfg.optim, cfg.finetune, torch.device("cuda"))
 
 
 # Every recipe the review found syncing (E1-E4): defaults, CutMix + erasing + crops, TrivialAugment,
@@ -210,9 +210,9 @@ def test_no_host_sync_per_step(tmp_path, monkeypatch, recipe):
                    "train.max_minutes=10", *SYNC_RECIPES[recipe], n_train=n_train)
         if recipe == "sgd_fp16":
             assert s.scaler.is_enabled()
-            s.optimizer = _cuda_optimizer(s)
+            s.optimizer = _cuda_optimizer(s, compose(SYNC_RECIPES[recipe]))  # the sections the optimizer reads
         counter = _count_host_syncs(monkeypatch)
-        train_one_epoch(s, 0, Budget(600, 100, s.device), loss_fn(s.cfg))
+        train_one_epoch(s, 0, Budget(600, 100, s.device), loss_fn(s.recipe))
         counts.append((s.state["step"], counter["n"], counter["where"]))
         monkeypatch.undo()
     (few_steps, few_syncs, _), (many_steps, many_syncs, where) = counts

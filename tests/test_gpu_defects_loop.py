@@ -181,7 +181,7 @@ def test_epoch_time_is_read_after_the_device_finished(tmp_path, monkeypatch):
         return real_item(self)
 
     monkeypatch.setattr(torch.Tensor, "item", item_on_a_slow_device)
-    row = train_one_epoch(s, 0, Budget(0, 10, s.device), loss_fn(s.cfg))
+    row = train_one_epoch(s, 0, Budget(0, 10, s.device), loss_fn(s.recipe))
     assert tail["waited"] and s.state["train_seconds"] >= 0.5, s.state["train_seconds"]
     assert row["images_per_sec"] <= s.state["step"] * 8 / 0.5
 

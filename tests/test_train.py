@@ -94,6 +94,25 @@ def test_resume_with_other_config_is_refused(tiny_data, tmp_path):
     assert r.returncode != 0 and "differs" in r.stderr
 
 
+def test_resume_compares_the_training_sections_only():
+    """An allow-list: a key of another command, or a section added later, never blocks a resume."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from inat.config import Config
+    from inat.training.resume import TRAINING_SECTIONS, _comparable
+
+    assert set(TRAINING_SECTIONS) <= {f.name for f in fields(Config)}
+    first = OmegaConf.to_container(OmegaConf.structured(Config))
+    other_command = {**first, "runs": {**first["runs"], "sort": "name"}, "predict": {"top_k": 9}, "new_mode": {"x": 1}}
+    assert _comparable(other_command) == _comparable(first)
+    for section, key, value in (("train", "lr", 0.5), ("aug", "flip", False), ("finetune", "k", 2)):
+        changed = {**first, section: {**first[section], key: value}}
+        assert _comparable(changed) != _comparable(first), section
+    assert _comparable({**first, "seed": 1}) != _comparable(first)
+
+
 @pytest.mark.parametrize("case", ["missing", "empty_class", "corrupt", "non_image", "filters", "small", "no_ckpt",
                                   "foreign_ckpt", "missing_ckpt"])
 def test_bad_input_one_sentence_nonzero_nothing_half_written(case, tmp_path):

@@ -50,7 +50,7 @@ def measure(overrides: list, data: str, size: int, seconds: float, warmup: float
                    *overrides])
     s = setup(cfg, tmp)
     s.model.train()
-    criterion = loss_fn(cfg)
+    criterion = loss_fn(s.recipe)
     train_one_epoch(s, 0, Budget(warmup, 10**6, s.device), criterion)
     s.state["train_seconds"] = 0.0
     row = train_one_epoch(s, 1, Budget(seconds, 10**6, s.device), criterion)

@@ -81,7 +81,7 @@ def _sync(device) -> None:
 def _setup_facts(s) -> Dict[str, Any]:
     params = list(s.model.parameters())
     return {"precision": s.precision.name, "precision_reason": s.precision.reason, "input": s.source.kind,
-            "n_train": len(s.data.train_idx), "n_val": len(s.data.val_idx), "batch_size": int(s.cfg.train.batch_size),
+            "n_train": len(s.data.train_idx), "n_val": len(s.data.val_idx), "batch_size": s.recipe.batch_size,
             "image_size": int(s.model.spec.input_size), "model": s.model.spec.name,
             "params": sum(p.numel() for p in params),
             "trainable_params": sum(p.numel() for p in params if p.requires_grad),

@@ -1,14 +1,11 @@
-"""The training loop: ``setup`` (``build``) -> ``train_one_epoch`` / ``validate`` per epoch -> ``finish``.
+"""The training loop: ``build`` -> ``train_one_epoch`` / ``validate`` per epoch -> ``finish``.
 
-The host never waits for the device inside an epoch: the loss and correct counts stay on
-the device and are read once per epoch (and at the progress bar's log interval), and the
-epoch's time is taken after that read, when the device has finished the epoch's work. Under
-torchrun every stopping decision is rank 0's, broadcast (see ``inat.training.distributed``),
-and each rank validates its share of the validation split.
-
-A stop signal (SIGTERM, SIGUSR1, SIGUSR2; ``inat.training.preemption``) ends the epoch after
-the current step: ``last.pt`` then records the position inside the epoch (batches done, the
-partial sums, the epoch's random draws), and ``resume=auto`` goes on from the next batch, so an
+The host never waits for the device inside an epoch: loss and correct counts stay on the device
+and are read once per epoch (and at the progress bar's log interval); the epoch's time is taken
+after that read. Under torchrun every stopping decision is rank 0's, broadcast
+(``inat.training.distributed``), and each rank validates its share of the validation split.
+A stop signal (``inat.training.preemption``) ends the epoch after the current step: ``last.pt``
+records the position inside the epoch, and ``resume=auto`` goes on from the next batch, so an
 epoch-driven run ends bit-exact with the run that was never stopped.
 """
 from __future__ import annotations
@@ -16,67 +13,25 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig
+from tqdm import tqdm
 
-from inat.data.dataset import describe_roles
 from inat.errors import Preempted
-from inat.run_folder import LAST
+from inat.models.freeze import on_epoch_start, set_train_mode
 from inat.runs import acquire_run_lock, world
 from inat.training import distributed
-from inat.training.build import Setup, backend_flags, class_weight_tensor, loss_fn, restore_backends, setup
+from inat.training.budget import Budget
+from inat.training.build import Setup, backend_flags, build, class_weight_tensor, loss_fn, restore_backends
+from inat.training.callbacks import CALLBACKS, Callback
 from inat.training.collectives import sum_over_ranks
 from inat.training.data import SEED_AUG, epoch_order
-from inat.training.finish import calibrate, checkpoint_state, run_summary
+from inat.training.finish import PREEMPTED, calibrate, checkpoint_state, record_epoch, run_summary, stop_for_signal
 from inat.training.optim import lr_factor, set_lr
 from inat.training.preemption import StopSignals
-
-
-class Budget:
-    """Training time, schedule progress and stop signals as rank 0 sees them.
-
-    In one process the clock and ``stop_requested()`` are read every step (no device sync).
-    Under DDP rank 0's elapsed time and whether rank 0 was signalled travel in one broadcast
-    every ``every`` steps, so every rank applies the same learning rate and stops at the same
-    step, for the time budget or a signal.
-    """
-
-    def __init__(self, seconds: float, total_steps: int, device: torch.device, every: int = 8,
-                 stop_requested: Optional[Callable[[], bool]] = None) -> None:
-        self.seconds, self.total_steps, self.device = seconds, max(1, total_steps), device
-        self.every = every if distributed.active() else 1
-        self.spent, self.t0, self.elapsed = 0.0, 0.0, 0.0
-        self.stop_requested = stop_requested or (lambda: False)
-        self._stop_seen = False  # rank 0's stop_requested() at the last tick (DDP)
-
-    def start(self, spent: float) -> None:
-        self.spent, self.t0, self.elapsed = spent, time.perf_counter(), spent
-
-    def tick(self, step_in_epoch: int) -> None:
-        if step_in_epoch % self.every == 0:
-            elapsed, stop = distributed.broadcast_floats([self.spent + time.perf_counter() - self.t0,
-                                                          float(self.stop_requested())])
-            self.elapsed, self._stop_seen = elapsed, stop > 0
-
-    @property
-    def stop(self) -> bool:
-        """Stop after this step for a signal: now in one process, as of the last tick under DDP."""
-        return self._stop_seen if distributed.active() else self.stop_requested()
-
-    def progress(self, step: int) -> float:
-        p = step / self.total_steps
-        return min(1.0, max(p, self.elapsed / self.seconds) if self.seconds > 0 else p)
-
-    @property
-    def over(self) -> bool:
-        return self.seconds > 0 and self.elapsed >= self.seconds
-
-    def epoch_seconds(self) -> float:
-        """This epoch's training seconds, rank 0's on every rank."""
-        return distributed.broadcast_float(time.perf_counter() - self.t0)
 
 
 def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -> Optional[Dict[str, float]]:
@@ -85,19 +40,15 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
     Returns None when a stop signal ended the epoch early: ``state["partial"]`` then holds
     where it stopped, and a resumed run's call for the same epoch goes on from there.
     """
-    from tqdm import tqdm
-
-    cfg, state, optimizer, device = s.cfg, s.state, s.optimizer, s.device
+    recipe, state, optimizer, device = s.recipe, s.state, s.optimizer, s.device
     rank, world_size = world()
-    bs = int(cfg.train.batch_size)
-    perm, n_batches = epoch_order(s.data, cfg.seed, epoch, bs, rank, world_size, bool(cfg.train.balanced_sampler))
-    warmup = float(cfg.optim.warmup_epochs) / max(1, int(cfg.train.epochs))
-    log_every = int(cfg.train.log_every) or 50
+    bs = recipe.batch_size
+    perm, n_batches = epoch_order(s.data, recipe.seed, epoch, bs, rank, world_size, recipe.balanced_sampler)
     step_module = s.wrapper.refresh()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, start, spent = 0, 0, 0.0
-    draws = s.source.draws(cfg.seed * 1000 + SEED_AUG + 7919 * epoch + 104729 * rank)
+    draws = s.source.draws(recipe.seed * 1000 + SEED_AUG + 7919 * epoch + 104729 * rank)
     partial = state.pop("partial", None)  # this epoch was stopped by a signal after `start` batches
     if partial is not None:
         assert partial["epoch"] == epoch and len(partial["ranks"]) == world_size, (partial["epoch"], epoch)
@@ -106,24 +57,23 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
         loss_sum, correct = mine["loss_sum"].to(device), mine["correct"].to(device)
         draws.restore(mine["draws"])
     budget.start(state["train_seconds"])
-    bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+    bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
                disable=rank != 0, mininterval=1.0)
-    batches = s.source.batches(perm, bs, n_batches, start=start, draws=draws)
     stopped = False
-    for b, (x, target) in enumerate(batches, start):
+    for b, (x, target) in enumerate(s.source.batches(perm, bs, n_batches, start=start, draws=draws), start):
         budget.tick(b)
         progress = budget.progress(state["step"])
-        set_lr(optimizer, lr_factor(progress, warmup, cfg.optim.schedule))
-        if s.resize is not None:
+        set_lr(optimizer, lr_factor(progress, recipe.warmup, recipe.schedule))
+        if s.resize is not None:  # progressive resizing: this step's side
             x = s.resize(x, progress)
         with s.precision.autocast():
             logits = step_module(x)
             loss = criterion(logits, target)
         optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
-        if cfg.optim.grad_clip > 0:
+        if recipe.grad_clip > 0:
             s.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(s.model.parameters(), float(cfg.optim.grad_clip))
+            nn.utils.clip_grad_norm_(s.model.parameters(), recipe.grad_clip)
         s.scaler.step(optimizer)
         s.scaler.update()
         if s.ema is not None:
@@ -134,7 +84,7 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
         loss_sum += loss.detach() * len(hard)
         seen += len(hard)
         bar.update(1)
-        if rank == 0 and b > 0 and b % log_every == 0:  # the only sync inside the epoch
+        if rank == 0 and b > 0 and b % recipe.log_every == 0:  # the only sync inside the epoch
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if budget.over:
             break
@@ -158,7 +108,7 @@ def train_one_epoch(s: Setup, epoch: int, budget: Budget, criterion: Callable) -
             "lr": optimizer.param_groups[0]["lr"], "images_per_sec": seen * world_size / max(dt, 1e-9)}
 
 
-def validate(s: "Setup", model: nn.Module) -> Tuple[float, float]:
+def validate(s: Setup, model: nn.Module) -> Tuple[float, float]:
     """Validation ``(loss, accuracy)`` of ``model``, the same on every rank.
 
     In one process the source scores the whole split. Under torchrun each rank scores its
@@ -173,37 +123,20 @@ def validate(s: "Setup", model: nn.Module) -> Tuple[float, float]:
     return loss_sum / total, correct / total
 
 
-def _stop_reason(s: Setup, record: Dict[str, Any], budget: Budget, callback: Optional[Callable]) -> Optional[str]:
+def _stop_reason(s: Setup, record: Dict[str, Any], budget: Budget, callback: Optional[Callable],
+                 signals: StopSignals) -> Optional[str]:
     """Why training ends after this epoch (None: it goes on). Evaluated on rank 0 only."""
-    cfg, state = s.cfg, s.state
+    patience = s.recipe.early_stopping
     reason = callback(record) if callback is not None else None
     if reason:
         return f"pruned: {reason}"
-    if cfg.train.early_stopping > 0 and state["bad_epochs"] >= int(cfg.train.early_stopping):
+    if patience > 0 and s.state["bad_epochs"] >= patience:
         return "early_stopping"
-    if budget.seconds > 0 and state["train_seconds"] >= budget.seconds:
+    if budget.seconds > 0 and s.state["train_seconds"] >= budget.seconds:
         return "budget"
+    if signals.requested and record["epoch"] < s.recipe.epochs:
+        return PREEMPTED  # signalled during validation or the checkpoint: last.pt is this epoch's
     return None
-
-
-class Callback:
-    """What a tool or a test may run inside :func:`fit`, on every rank; both methods default to nothing.
-
-    ``on_epoch_end(setup, record)`` runs after the epoch's checkpoint and metrics row are
-    written, before the stop decision; ``on_finish(setup)`` after ``summary.json``, before the
-    process group is left. Neither can change how the run goes on (``epoch_callback`` can).
-    """
-
-    def on_epoch_end(self, setup: Setup, record: Dict[str, Any]) -> None:
-        pass
-
-    def on_finish(self, setup: Setup) -> None:
-        pass
-
-
-# Callbacks every fit in this process runs besides its own ``callbacks``: for a wrapper that starts a
-# command whose fit it cannot call itself (the tests' fault injection around run.py).
-CALLBACKS: List[Callback] = []
 
 
 def fit(cfg: DictConfig, run_dir: Path,
@@ -214,14 +147,12 @@ def fit(cfg: DictConfig, run_dir: Path,
     ``epoch_callback(record)`` runs on rank 0 after each epoch's checkpoint; a non-empty
     string it returns stops training with ``stop_reason = "pruned: <reason>"`` (sweeps use it
     to stop weak trials early without this module knowing about sweeps). ``callbacks`` (and
-    those in :data:`CALLBACKS`) see each epoch's end and the finish (:class:`Callback`). Rank 0
-    holds the run folder's lock throughout: a second training into the same folder is refused.
+    those in ``callbacks.CALLBACKS``) see each epoch's end and the finish (:class:`Callback`).
+    Rank 0 holds the run folder's lock throughout: a second training into the same folder is refused.
     """
-    rank, _ = world()
-    flags = backend_flags()
-    signals = StopSignals()
+    flags, signals = backend_flags(), StopSignals()
     try:
-        with signals, acquire_run_lock(Path(run_dir)) if rank == 0 else contextlib.nullcontext():
+        with signals, acquire_run_lock(Path(run_dir)) if world()[0] == 0 else contextlib.nullcontext():
             return _fit(cfg, Path(run_dir), epoch_callback, [*CALLBACKS, *callbacks], signals)
     except Preempted:
         signals.hand_over()  # last.pt is written and the lock released: a previous handler (submitit's) may exit now
@@ -233,52 +164,28 @@ def fit(cfg: DictConfig, run_dir: Path,
 def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable], callbacks: Sequence[Callback],
          signals: StopSignals) -> Dict[str, Any]:
     t_start = time.perf_counter()
-    s = setup(cfg, run_dir)
-    rank, world_size = world()
-    state, epochs, spec = s.state, int(cfg.train.epochs), s.model.spec
-    steps_per_epoch = max(1, (len(s.data.train_idx) // world_size) // int(cfg.train.batch_size))
-    budget = Budget(float(cfg.train.max_minutes) * 60, epochs * steps_per_epoch, s.device,
+    s = build(cfg, run_dir)  # the config's last reader: from here on the run is s and s.recipe
+    recipe, state, (rank, world_size) = s.recipe, s.state, world()
+    steps_per_epoch = max(1, (len(s.data.train_idx) // world_size) // recipe.batch_size)
+    budget = Budget(recipe.budget_seconds, recipe.epochs * steps_per_epoch, s.device,
                     stop_requested=lambda: signals.requested)
-    criterion = loss_fn(cfg, class_weight_tensor(s))
-    s.writer.say(f"{spec.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters, {len(s.data.classes)} "
-                 f"classes, {len(s.data.train_idx)} train / {len(s.data.val_idx)} val images at {spec.input_size}px "
-                 f"on {s.device}, input: {s.source.kind}")
-    s.writer.say(f"data: {describe_roles(cfg.data, s.data.root)}")
+    criterion = loss_fn(recipe, class_weight_tensor(s))
     stop_reason = "epochs"
-    for epoch in range(state["epoch"], epochs):
-        if cfg.finetune.strategy != "none":
-            from inat.models.freeze import on_epoch_start, set_train_mode
-
-            on_epoch_start(s.model, cfg.finetune, epoch)
-            set_train_mode(s.model, cfg.finetune)
-        else:
-            s.model.train()
+    for epoch in range(state["epoch"], recipe.epochs):
+        on_epoch_start(s.model, recipe.finetune, epoch)  # gradual fine-tuning unfreezes here; the rest keep theirs
+        set_train_mode(s.model, recipe.finetune)  # model.train(), BatchNorm of frozen groups kept in eval mode
         row = train_one_epoch(s, epoch, budget, criterion)
         if row is None:  # a stop signal inside the epoch: state["partial"] says where
             s.writer.checkpoint(checkpoint_state(s) if rank == 0 else {})
-            _stop_for_signal(s, run_dir, signals)
-        val_loss, val_acc = validate(s, s.ema.module if s.ema is not None else s.model)
-        state["epoch"] = epoch + 1
-        record = {"epoch": epoch + 1, "train_loss": round(row["train_loss"], 6),
-                  "train_accuracy": round(row["train_accuracy"], 6), "val_loss": round(val_loss, 6),
-                  "val_accuracy": round(val_acc, 6), "lr": row["lr"], "images_per_sec": round(row["images_per_sec"], 1),
-                  "seconds": round(state["train_seconds"], 2)}
-        state["history"].append(record)
-        improved = val_acc > state["best_val_accuracy"]
-        if improved:
-            state["best_val_accuracy"], state["best_epoch"], state["bad_epochs"] = val_acc, epoch + 1, 0
-        else:
-            state["bad_epochs"] += 1
-        s.writer.epoch(record, checkpoint_state(s) if rank == 0 else {}, improved, state["history"], epochs,
+            stop_for_signal(s, run_dir, signals)
+        record, improved = record_epoch(s, epoch, row, *validate(s, s.ema.module if s.ema is not None else s.model))
+        s.writer.epoch(record, checkpoint_state(s) if rank == 0 else {}, improved, state["history"], recipe.epochs,
                        state["best_val_accuracy"])
         for callback in callbacks:
             callback.on_epoch_end(s, record)
-        reason = _stop_reason(s, record, budget, epoch_callback) if rank == 0 else None
-        if rank == 0 and reason is None and signals.requested and epoch + 1 < epochs:
-            reason = PREEMPTED  # signalled during validation or the checkpoint: last.pt is this epoch's
-        reason = distributed.decide(reason)
+        reason = distributed.decide(_stop_reason(s, record, budget, epoch_callback, signals) if rank == 0 else None)
         if reason == PREEMPTED:
-            _stop_for_signal(s, run_dir, signals)
+            stop_for_signal(s, run_dir, signals)
         if reason:
             stop_reason = reason
             if reason.startswith("pruned"):
@@ -291,25 +198,3 @@ def _fit(cfg: DictConfig, run_dir: Path, epoch_callback: Optional[Callable], cal
         callback.on_finish(s)
     distributed.destroy()
     return summary.to_dict()
-
-
-# The epoch-end decision that a stop signal ends the run here (never a summary's stop_reason).
-PREEMPTED = "preempted"
-
-
-def _stop_for_signal(s: Setup, run_dir: Path, signals: StopSignals) -> NoReturn:
-    """End a run stopped by a signal whose ``last.pt`` is written: wandb closed, every rank out together.
-
-    The ranks leave the process group together (its barrier), so none exits while rank 0 is
-    still writing; then each raises :class:`Preempted`, whose sentence (rank 0's) the command
-    prints before exiting with ``EXIT_RESUMABLE``.
-    """
-    rank, _ = world()
-    partial, epochs = s.state.get("partial"), int(s.cfg.train.epochs)
-    where = (f"in epoch {partial['epoch'] + 1}/{epochs} after batch {partial['batches']}/{partial['of']}" if partial
-             else f"after epoch {s.state['epoch']}/{epochs}")
-    s.writer.say(f"stopped by {signals.names()} {where}: {run_dir / LAST} written")
-    s.writer.stopped()
-    distributed.destroy()
-    raise Preempted(f"Stopped by {signals.names()} {where}; {run_dir / LAST} holds the run: rerun the same command "
-                    f"with resume=auto hydra.run.dir={run_dir} to continue it." if rank == 0 else "")

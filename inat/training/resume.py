@@ -30,8 +30,10 @@ if TYPE_CHECKING:
     from inat.training.data import TrainData
     from inat.training.build import Setup
 
-# Keys allowed to differ between the first run and its resumption.
-FREE_KEYS = {"resume", "ckpt", "wandb", "mode", "explain", "report", "predict", "export", "detect", "sweep", "lr_find"}
+# The config's sections (and top-level keys) that change what training computes: a resumed run must
+# have the same values in each. Everything else (resume itself, ckpt, wandb, the other commands'
+# sections: mode, predict, export, ...) may differ, so a new command's section never blocks a resume.
+TRAINING_SECTIONS = ("data", "model", "act", "filters", "aug", "finetune", "optim", "train", "seed")
 
 # What a run folder holds before the first checkpoint, as patterns of top-level names: Hydra's
 # record (.hydra/) and job log (<job name>.log), the split, the run lock, wandb's folder, and
@@ -43,15 +45,15 @@ BEFORE_FIRST_CHECKPOINT = (str(Path(HYDRA_CONFIG).parent), "*.log", SPLIT, LOCK_
 _CHANGE_WORDS = {"added": "added", "removed": "removed", "moved": "moved between training and validation"}
 
 
-def _comparable(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in cfg_dict.items() if k not in FREE_KEYS}
+def _comparable(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: config.get(k) for k in TRAINING_SECTIONS}
 
 
 def _word(resume: Any) -> str:
     return "auto" if resume == "auto" else "true"
 
 
-def load_last(run_dir: Path, cfg_dict: Dict[str, Any], resume: Any = True) -> Optional[Dict[str, Any]]:
+def load_last(run_dir: Path, config: Dict[str, Any], resume: Any = True) -> Optional[Dict[str, Any]]:
     """The run folder's ``last.pt`` to resume from, or None to train from the start.
 
     ``resume`` is the config's value: false (None), true (``last.pt`` must be there) or
@@ -63,11 +65,11 @@ def load_last(run_dir: Path, cfg_dict: Dict[str, Any], resume: Any = True) -> Op
     if resume is False or resume is None:
         return None
     if not distributed.active():
-        return _read_last(run_dir, cfg_dict, resume)
+        return _read_last(run_dir, config, resume)
     outcome: Any = None
     if world()[0] == 0:
         try:
-            outcome = _read_last(run_dir, cfg_dict, resume)
+            outcome = _read_last(run_dir, config, resume)
         except InatError as err:
             outcome = err
     outcome = distributed.decide(outcome)
@@ -76,7 +78,7 @@ def load_last(run_dir: Path, cfg_dict: Dict[str, Any], resume: Any = True) -> Op
     return outcome
 
 
-def _read_last(run_dir: Path, cfg_dict: Dict[str, Any], resume: Any) -> Optional[Dict[str, Any]]:
+def _read_last(run_dir: Path, config: Dict[str, Any], resume: Any) -> Optional[Dict[str, Any]]:
     last, best, word = run_dir / LAST, run_dir / BEST, _word(resume)
     if word == "auto":
         problem = auto_problem(run_dir)
@@ -91,7 +93,7 @@ def _read_last(run_dir: Path, cfg_dict: Dict[str, Any], resume: Any) -> Optional
         raise InatError(f"resume=true but run folder '{run_dir}' has no {LAST} (no epoch finished there); pass the "
                         f"folder of the run to resume with hydra.run.dir=RUN_DIR.")
     saved = load_checkpoint(last)
-    if _comparable(saved["config"]) != _comparable(cfg_dict):
+    if _comparable(saved["config"]) != _comparable(config):
         raise InatError(f"resume={word} with a config that differs from the one in '{last}'; resume with the same "
                         f"overrides.")
     partial = saved.get("state", {}).get("partial")
@@ -170,7 +172,7 @@ def check_same_split(saved: Dict[str, Any], data: "TrainData", run_dir: Path) ->
                         f"hydra.run.dir.")
 
 
-def restore(s: "Setup", run_dir: Path, saved: Dict[str, Any]) -> None:
+def restore(s: "Setup", run_dir: Path, saved: Dict[str, Any], resume: Any) -> None:
     """Load ``last.pt``'s weights, optimizer, EMA, scaler, loop state and RNG into the fresh setup."""
     s.model.load_state_dict(saved["model"])
     s.optimizer.load_state_dict(saved["optimizer"])
@@ -185,4 +187,4 @@ def restore(s: "Setup", run_dir: Path, saved: Dict[str, Any]) -> None:
     inside = (f", {partial['batches']} of {partial['of']} batches into epoch {partial['epoch'] + 1}"
               if partial is not None else "")
     s.writer.say(f"Resuming from epoch {s.state['epoch']}{inside} of {run_dir / LAST} "
-                 f"(resume={_word(s.cfg.resume)})")
+                 f"(resume={_word(resume)})")

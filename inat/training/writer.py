@@ -52,13 +52,18 @@ def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
 
 
 class RunWriter:
-    """Writes one run folder; every method is a no-op on ranks other than 0."""
+    """Writes one run folder; every method is a no-op on ranks other than 0.
 
-    def __init__(self, run_dir: Path, cfg: Any, cfg_dict: Dict[str, Any], is_main: bool,
+    ``config`` is the run's resolved config as plain values, saved as it is in every checkpoint
+    and ``summary.json`` and given to wandb; ``wandb_section`` is the ``wandb`` section (mode,
+    project, group). The writer reads nothing else of the config.
+    """
+
+    def __init__(self, run_dir: Path, wandb_section: Any, config: Dict[str, Any], is_main: bool,
                  wandb_id: Optional[str] = None) -> None:
-        self.run_dir, self.is_main, self.cfg_dict = Path(run_dir), is_main, cfg_dict
+        self.run_dir, self.is_main, self.config = Path(run_dir), is_main, config
         self.ckpt_dir = self.run_dir / CHECKPOINTS
-        self.wandb = _start_wandb(cfg, self.run_dir, cfg_dict, wandb_id) if is_main else None
+        self.wandb = _start_wandb(wandb_section, self.run_dir, config, wandb_id) if is_main else None
         # Kept when wandb is off this time, so a later resume with wandb on continues the first run.
         self.wandb_id: Optional[str] = self.wandb.id if self.wandb is not None else wandb_id
 
@@ -100,14 +105,14 @@ class RunWriter:
             self.wandb.finish()
 
 
-def _start_wandb(cfg: Any, run_dir: Path, cfg_dict: Dict[str, Any], run_id: Optional[str] = None) -> Optional[Any]:
+def _start_wandb(section: Any, run_dir: Path, config: Dict[str, Any], run_id: Optional[str] = None) -> Optional[Any]:
     """The run's wandb run, or None (disabled, not installed, or it could not start).
 
     ``run_id`` is the id of the run this one resumes (None: wandb picks a new one); with
     ``resume="allow"`` wandb continues that run online, and offline writes a run folder with
     the same id, which ``wandb sync`` appends to it.
     """
-    mode = cfg.wandb.mode
+    mode = section.mode
     if mode == "disabled":
         return None
     try:
@@ -123,8 +128,8 @@ def _start_wandb(cfg: Any, run_dir: Path, cfg_dict: Dict[str, Any], run_id: Opti
     # files are. Online keeps wandb's own lines: they carry the run's URL.
     settings = wandb.Settings(silent=True) if mode == "offline" else None
     try:
-        run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, dir=str(run_dir), mode=mode,
-                         config=cfg_dict, name=run_dir.name, reinit="finish_previous", settings=settings,
+        run = wandb.init(project=section.project, group=section.group, dir=str(run_dir), mode=mode,
+                         config=config, name=run_dir.name, reinit="finish_previous", settings=settings,
                          id=run_id, resume="allow" if run_id else None)
     except Exception as err:  # tracking must never kill a training run
         print(f"wandb could not start ({type(err).__name__}: {err}); logging to metrics.csv only.", flush=True)
