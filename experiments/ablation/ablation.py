@@ -11,7 +11,7 @@ seeds; the test folder is scored once per run (test mode, after training).
 weights) with each other and with the scratch CNN on flowers5, the same way (the first
 variant is the reference of the intervals):
 
-    python experiments/ablation/ablation.py --set finetune --epochs 3 --seeds 0 1 2 \
+    python experiments/ablation/ablation.py --set finetune --epochs 2 --seeds 0 1 2 \
         --out experiments/finetune/seeds.json
 
 Fixed epochs rather than a time budget make the accuracies immune to other jobs on the
@@ -73,6 +73,32 @@ def command(data: str, size: int | None, seed: int, epochs: int, minutes: float,
             f"hydra.run.dir={run_dir}", *overrides]
 
 
+def write(a, rows: list, machine: dict) -> list:
+    """The table (mean ± std per variant, each difference from the first with its Welch interval) and
+    the result file, rewritten after every run so an interrupted comparison keeps what it measured."""
+    table = []
+    base_accs = [r["test_accuracy"] for r in rows if r["variant"] == a.variants[0]]
+    for name in a.variants:
+        accs = [r["test_accuracy"] for r in rows if r["variant"] == name]
+        if not accs:
+            continue
+        entry = {"variant": name, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                 "n": len(accs), "overrides": SETS[a.set][0][name]}
+        if name != a.variants[0] and len(accs) > 1 and len(base_accs) > 1:
+            # the difference from the first variant with its Welch t interval; one that holds 0 is a tie
+            ci = stats.ttest_ind(accs, base_accs, equal_var=False).confidence_interval(CONFIDENCE)
+            entry.update(diff=entry["mean"] - statistics.mean(base_accs), diff_ci95=[float(ci.low), float(ci.high)],
+                         tie=bool(ci.low <= 0 <= ci.high))
+        table.append(entry)
+    result = {"command": " ".join(shlex.quote(c) for c in sys.argv), "set": a.set, "data": a.data, "size": a.size,
+              "minutes": None if a.epochs else a.minutes, "epochs": a.epochs or None, "seeds": a.seeds,
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": {**machine, "precision": sorted({str(r["precision"]) for r in rows})},
+              "table": table, "runs": rows}
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--set", choices=sorted(SETS), default="recipe", help="which comparison")
@@ -108,23 +134,8 @@ def main() -> None:
                          "overrides": VARIANTS[name]})
             machine = {k: summary["environment"].get(k) for k in ("cpu", "cpu_count", "cpu_capability", "torch")}
             print(f"  {name} seed {seed}: test {test['accuracy']:.1%}, {summary['epochs']} epochs", flush=True)
-    table = []
-    base_accs = [r["test_accuracy"] for r in rows if r["variant"] == a.variants[0]]
-    for name in a.variants:
-        accs = [r["test_accuracy"] for r in rows if r["variant"] == name]
-        entry = {"variant": name, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                 "n": len(accs), "overrides": VARIANTS[name]}
-        if name != a.variants[0] and len(accs) > 1 and len(base_accs) > 1:
-            # the difference from the first variant with its Welch t interval; one that holds 0 is a tie
-            ci = stats.ttest_ind(accs, base_accs, equal_var=False).confidence_interval(CONFIDENCE)
-            entry.update(diff=entry["mean"] - statistics.mean(base_accs), diff_ci95=[float(ci.low), float(ci.high)],
-                         tie=bool(ci.low <= 0 <= ci.high))
-        table.append(entry)
-    result = {"command": " ".join(shlex.quote(c) for c in sys.argv), "set": a.set, "data": a.data, "size": a.size,
-              "minutes": None if a.epochs else a.minutes, "epochs": a.epochs or None, "seeds": a.seeds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": {**machine, "precision": sorted({str(r["precision"]) for r in rows})},
-              "table": table, "runs": rows}
-    Path(a.out).write_text(json.dumps(result, indent=1))
+            write(a, rows, machine)
+    table = write(a, rows, machine)
     base = table[0]["mean"]
     print(f"\n| variant | test accuracy (mean ± std, n={len(a.seeds)}) | vs default |\n|---|---|---|")
     for t in table:
