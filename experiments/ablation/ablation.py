@@ -116,9 +116,18 @@ def main() -> None:
     a.size = a.size if a.size is not None else size
     a.variants = a.variants or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="inat_ablation_"))
-    rows = []
+    # Runs already in --out (same set, epochs or minutes) are kept, not repeated: a comparison stopped
+    # part-way goes on where it was.
+    old = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
+    same = (old.get("set", "recipe"), old.get("data"), old.get("size"), old.get("epochs"), old.get("minutes")) == \
+        (a.set, a.data, a.size, a.epochs or None, None if a.epochs else a.minutes)
+    rows = old.get("runs", []) if same else []
+    machine = old.get("machine", {}) if same else {}
+    machine.pop("precision", None)
     for seed in a.seeds:  # seeds outermost: machine noise spreads over all variants alike
         for name in a.variants:
+            if any(r["variant"] == name and r["seed"] == seed for r in rows):
+                continue
             run_dir = work / f"{abs(hash(name))}_{seed}"
             cmd = command(a.data, a.size, seed, a.epochs, a.minutes, run_dir, VARIANTS[name])
             print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -131,6 +140,7 @@ def main() -> None:
                          "best_val_accuracy": summary["best_val_accuracy"], "epochs": summary["epochs"],
                          "images_per_sec": summary["train_images_per_sec"], "precision": summary.get("precision"),
                          "train_seconds": summary.get("train_seconds"), "macro_f1": test.get("macro_f1"),
+                         "cpu_capability": summary["environment"].get("cpu_capability"),
                          "overrides": VARIANTS[name]})
             machine = {k: summary["environment"].get(k) for k in ("cpu", "cpu_count", "cpu_capability", "torch")}
             print(f"  {name} seed {seed}: test {test['accuracy']:.1%}, {summary['epochs']} epochs", flush=True)
