@@ -22,9 +22,11 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 import torch
 
+from inat.data.images import open_upright
 from inat.detect.detector import Detection, Detector, check_class_names
 from inat.detect.track import LoiterTracker, Track
 from inat.errors import InatError
+from inat.predictor import UNKNOWN, Predictor
 from inat.run_folder import DETECT, DETECT_EVENTS
 from inat.runs import write_json
 
@@ -81,8 +83,6 @@ def read_image(path: Path) -> np.ndarray:
     Through the classifier's own decoder (EXIF orientation applied, 16-bit scaled), so a
     crop named by ``detect.classify`` has the pixels predict would see in the same photo.
     """
-    from inat.data.images import open_upright
-
     try:
         rgb = np.asarray(open_upright(path))  # (H, W, 3)
     except InatError as err:
@@ -145,8 +145,6 @@ class SpeciesNamer:
 
     def __init__(self, checkpoint: str, reject: bool = False) -> None:
         # Imported here: the classifier stack is only needed when this option is used.
-        from inat.predictor import Predictor
-
         if not Path(checkpoint).is_file():
             raise InatError(f"Classifier checkpoint {checkpoint} (detect.classify) does not exist.")
         self.predictor = Predictor.from_checkpoint(checkpoint)
@@ -156,8 +154,6 @@ class SpeciesNamer:
 
     def name(self, image_rgb: np.ndarray, boxes: Sequence[Tuple[float, float, float, float]]) -> List[Species]:
         """The :class:`Species` of each box's crop of the ``(H, W, 3)`` RGB image."""
-        from inat.predictor import UNKNOWN
-
         if not boxes:
             return []
         crops = []

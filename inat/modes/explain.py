@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.explain import explain_checkpoint
 from inat.modes import data_root_overridden
 
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.explain import explain_checkpoint
-
     e = cfg.explain
     result = explain_checkpoint(cfg.ckpt, out_dir, what=list(e.what),
                                 data_root=str(cfg.data.root) if data_root_overridden() else None,

@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
+from inat.models.info import scratch_counts
+from inat.run_folder import INFO
+from inat.runs import write_json
+
 
 def run(cfg: Any, out_dir: Path) -> Dict[str, Any]:
-    from inat.models.info import scratch_counts
-    from inat.run_folder import INFO
-    from inat.runs import write_json
-
     r = scratch_counts(cfg)
     write_json(Path(out_dir) / INFO, r)
     size = int(cfg.data.image_size)

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.predict import predict_images
+
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.predict import predict_images
-
     p = cfg.predict
     result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=int(p.top_k), tta=bool(p.tta),
                             batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision,
