@@ -225,13 +225,13 @@ def watch(detect_cfg: Any, out_dir: Path, reject: bool = False) -> Dict[str, Any
     """
     import cv2
 
-    detector = Detector(detect_cfg.cfg, detect_cfg.weights, detect_cfg.names, size=int(detect_cfg.size),
-                        conf=float(detect_cfg.conf), iou=float(detect_cfg.iou))
+    detector = Detector(detect_cfg.cfg, detect_cfg.weights, detect_cfg.names, size=detect_cfg.size,
+                        conf=detect_cfg.conf, iou=detect_cfg.iou)
     watched = set(check_class_names(list(detect_cfg.watch), detector.names))
-    if int(detect_cfg.loiter_frames) < 1:
+    if detect_cfg.loiter_frames < 1:
         raise InatError(f"detect.loiter_frames must be at least 1, got {detect_cfg.loiter_frames}.")
     sources = find_sources(list(detect_cfg.inputs))
-    namer = SpeciesNamer(str(detect_cfg.classify), reject=reject) if detect_cfg.classify else None
+    namer = SpeciesNamer(detect_cfg.classify, reject=reject) if detect_cfg.classify else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
@@ -241,7 +241,7 @@ def watch(detect_cfg: Any, out_dir: Path, reject: bool = False) -> Dict[str, Any
     skipped: List[Tuple[str, str]] = []
     with open(out_dir / DETECT_EVENTS, "w") as log:
         for kind, path, files in sources:
-            tracker = LoiterTracker(int(detect_cfg.loiter_frames))
+            tracker = LoiterTracker(detect_cfg.loiter_frames)
             writer = None
             try:
                 for frame in iter_frames(kind, path, files, skipped):
@@ -297,7 +297,7 @@ def watch(detect_cfg: Any, out_dir: Path, reject: bool = False) -> Dict[str, Any
         "loitering_alerts": [{k: a[k] for k in ("source", "frame", "class", "track")} for a in alerts],
         "detector_frames_per_second": round(frames_done / detect_seconds, 2) if detect_seconds else None,
         "overall_frames_per_second": round(frames_done / wall, 2) if wall else None,
-        "size": int(detect_cfg.size),
+        "size": detect_cfg.size,
         "watch": sorted(watched),
         "environment": _environment(detector.device),  # the speed is this machine's: CPU, capability, threads
     }

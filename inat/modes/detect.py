@@ -8,5 +8,5 @@ from inat.detect import print_summary, watch
 
 
 def run(cfg: Any, out_dir: Path) -> None:
-    summary = watch(cfg.detect, Path(out_dir), reject=bool(cfg.predict.reject))
+    summary = watch(cfg.detect, Path(out_dir), reject=cfg.predict.reject)
     print_summary(summary, Path(out_dir))

@@ -14,7 +14,7 @@ from inat.runs import write_json
 
 def run(cfg: Any, out_dir: Path) -> None:
     root = Path(cfg.data.root)
-    record = fetch_dataset(root, str(cfg.data.url), cfg.data.sha256)
+    record = fetch_dataset(root, cfg.data.url, cfg.data.sha256)
     path = Path(out_dir) / DOWNLOAD
     write_json(path, record)
     if not record["extracted"]:

@@ -20,7 +20,7 @@ def run(cfg: Any, out_dir: Path) -> Optional[float]:
     Sweep trials never read the test folder, whatever ``train.then_test`` says.
     """
     rank, _ = world()
-    will_test = bool(cfg.train.then_test) and not in_multirun()
+    will_test = cfg.train.then_test and not in_multirun()
     if will_test and rank == 0:
         # Names and paths only, before the whole training: a missing test set or a test class
         # training lacks would otherwise surface after summary.json was written.
@@ -53,4 +53,4 @@ def trial_heartbeat(cfg: Any, rank: int) -> Any:
         return beating(None, None, None, 0.0)  # no sweep, no heartbeat
     hydra = HydraConfig.get()
     return beating(OmegaConf.select(hydra, "sweeper.storage"), OmegaConf.select(hydra, "sweeper.study_name"),
-                   OmegaConf.select(hydra, "job.num"), float(cfg.sweep.heartbeat_seconds))
+                   OmegaConf.select(hydra, "job.num"), cfg.sweep.heartbeat_seconds)
