@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from inat.errors import EXIT_RESUMABLE, InatError, Preempted
 from inat.modes import NAMES as _MODE_NAMES  # a light module (no Hydra or torch at import)
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ MODES = {name: f"inat.modes.{name}:run" for name in _MODE_NAMES}
 
 def output_dir() -> Path:
     """The Hydra run (or multirun job) folder of the current command."""
+    # Hydra, inat.config and inat.record load inside the functions: this __init__ runs before every inat module
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
@@ -33,8 +35,6 @@ def run(cfg) -> Optional[float]:
     Returns the value an Optuna sweep maximises (validation accuracy) for training runs. A
     training stopped by a stop signal (``last.pt`` written) exits with ``EXIT_RESUMABLE``.
     """
-    from inat.errors import EXIT_RESUMABLE, InatError, Preempted
-
     name = cfg.mode.name
     if name not in MODES:
         _fail(f"Unknown mode '{name}': valid modes are {', '.join(sorted(MODES))}.")

@@ -13,6 +13,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Dict
 
+import numpy as np
 import torch
 
 from inat.calibration import TEMPERATURE_KEY, temperature_problem
@@ -47,8 +48,6 @@ def save_epoch_checkpoints(state: Dict[str, Any], ckpt_dir: Path, improved: bool
 
 def _safe_globals() -> list:
     """Non-tensor types our own checkpoints may hold: numpy scalars from metrics (data, never code)."""
-    import numpy as np
-
     multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
     return [multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")}]
 

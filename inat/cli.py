@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from inat.config import Config
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import MissingConfigException, OverrideParseException
+
+from inat.config import Config, config_errors, register_configs
+from inat.errors import InatError
+from inat.record import remember
+from inat.sweep.space import sweep_errors
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Hydra flags after which composing the command ourselves would not match what Hydra does.
@@ -144,8 +152,6 @@ def _value_of(key: str, overrides: List[str]) -> str:
 
 def composition_message(err: Exception, overrides: List[str]) -> str:
     """One sentence for an exception Hydra or OmegaConf raised while composing ``overrides``."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
     text = str(err)
     if isinstance(err, MissingConfigException) or "Could not find '" in text:
         m = re.search(r"Could not find '([^']+)'", text)
@@ -196,13 +202,6 @@ def compose_command(overrides: List[str], multirun: bool) -> Tuple[Any, List[str
     they are left out and returned for ``sweep_errors``. A parse or composition error is
     InatError with its one sentence.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from inat.config import register_configs
-    from inat.errors import InatError
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # noqa: BLE001 - Hydra's parse errors
@@ -223,8 +222,6 @@ def compose_command(overrides: List[str], multirun: bool) -> Tuple[Any, List[str
 
 def command_errors(cfg: Any, sweeps: List[str], multirun: bool) -> List[str]:
     """Every range, choice, output-folder and search-space problem of a composed command, one sentence each."""
-    from inat.config import config_errors
-
     try:
         errors = config_errors(cfg)
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -234,8 +231,6 @@ def command_errors(cfg: Any, sweeps: List[str], multirun: bool) -> List[str]:
     if folder_error:
         errors.append(folder_error)
     if multirun:
-        from inat.sweep.space import sweep_errors
-
         sweeper = cfg.hydra.sweeper
         params = dict(sweeper.params) if "params" in sweeper and sweeper.params else {}
         errors += sweep_errors(sweeper.get("n_trials"), params, sweeps)
@@ -248,8 +243,6 @@ def check_command(args: List[str]) -> Optional[str]:
     Sweep expressions (``choice(...)``, ``interval(...)``) are left out of the composition
     and checked by ``sweep_errors`` instead; each trial's values are validated by the run.
     """
-    from inat.errors import InatError
-
     if any(a.split("=", 1)[0] in _PASSTHROUGH_FLAGS for a in args):
         return None
     multirun = any(a in ("-m", "--multirun") for a in args)
@@ -283,7 +276,5 @@ def prepare_argv() -> None:
         fail("Under torchrun every rank must write to one run folder: set hydra.run.dir=RUN_DIR "
              "(the default is named by the start time, which differs between ranks).")
     if run_dir and not multirun:
-        from inat.record import remember
-
         remember(Path(run_dir))  # before Hydra rewrites its record there (see inat.record)
     sys.argv[1:] = args

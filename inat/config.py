@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from inat import choices
+from inat.errors import InatError
 
 NATURE_12K_URL = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
 
@@ -452,8 +453,6 @@ def config_errors(cfg: Any) -> List[str]:
 
 def validate_config(cfg: Any) -> None:
     """Raise InatError with the first problem ``config_errors`` finds (composition time)."""
-    from inat.errors import InatError
-
     errors = config_errors(cfg)
     if errors:
         more = f" ({len(errors) - 1} more problem(s) after this one)" if len(errors) > 1 else ""

@@ -232,7 +232,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, *, fmt: str = "onn
               "exporter": onnx_exporter if fmt == "onnx" else "torch.jit.trace",
               "ckpt": str(Path(ckpt).resolve()), "bytes": final.stat().st_size, "metadata": metadata}
     if quantize != "none":
-        from inat.quantize import quantize_and_gate
+        from inat.quantize import quantize_and_gate  # onnx and onnxruntime load only to quantize
 
         try:
             result["quantize"] = quantize_and_gate(final, predictor.state, spec, mode=quantize, max_drop=max_drop,

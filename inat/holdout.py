@@ -20,13 +20,16 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from inat.calibration import REJECTION_KEY, apply_temperature, checkpoint_threshold, coverage_at, risk_coverage
+from inat.calibration import (ECE_BINS, REJECTION_KEY, TEMPERATURE_KEY, TEMPERATURE_NOTE_KEY, apply_temperature,
+                              calibration_metrics, checkpoint_temperature, checkpoint_threshold, choose_temperature,
+                              coverage_at, reliability_diagram, risk_coverage)
 from inat.data.dataset import dataset_root
 from inat.data.testset import check_leakage, read_test_set  # noqa: F401 - check_leakage re-exported
 from inat.errors import InatError
 from inat.predictor import Predictor
 from inat.run_folder import RELIABILITY, TEST
 from inat.runs import write_json
+from inat.training.data import checkpoint_split
 
 
 def class_scores(confusion: np.ndarray, classes: List[str]) -> Dict[str, Any]:
@@ -67,8 +70,6 @@ def validation_logits(state: Dict[str, Any], model: torch.nn.Module, device: tor
     to the images the run validated on; otherwise InatError, since a temperature fitted on
     other images would not be the run's.
     """
-    from inat.training.data import checkpoint_split
-
     predictor = Predictor.from_state(state, model=model, device=device, precision=precision)
     data = checkpoint_split(state, predictor.spec, "no temperature can be fitted", progress=progress)
     cfg = OmegaConf.create(state["config"])
@@ -85,8 +86,6 @@ def checkpoint_or_val_temperature(state: Dict[str, Any], model: torch.nn.Module,
     gone, or ``choose_temperature``'s rule refuses, which it says once): test mode then
     reports the uncalibrated numbers only.
     """
-    from inat.calibration import TEMPERATURE_KEY, TEMPERATURE_NOTE_KEY, checkpoint_temperature, choose_temperature
-
     saved = checkpoint_temperature(state)
     if saved is not None:
         return saved, "checkpoint"
@@ -148,8 +147,6 @@ def calibration_section(logits: torch.Tensor, labels: np.ndarray, temperature: O
                         out_dir: Path) -> Dict[str, Any]:
     """test.json's calibration keys and ``reliability.png``: ECE/NLL/Brier of the probabilities
     inat reports (calibrated when a temperature exists) plus the before/after pair."""
-    from inat.calibration import ECE_BINS, calibration_metrics, reliability_diagram
-
     before = calibration_metrics(logits, labels)
     after = calibration_metrics(logits, labels, temperature) if temperature is not None else None
     curves = {"raw softmax": logits.double().softmax(1)}

@@ -22,8 +22,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
+from tqdm import tqdm
 
 from inat.choices import PRECISION_ALIASES, PRECISIONS
+from inat.data.images import decode_image, fit_image
 from inat.errors import InatError
 
 VALID_PRECISIONS, _ALIASES = PRECISIONS, PRECISION_ALIASES
@@ -223,8 +226,6 @@ def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarr
     host never waits per batch: outputs stay on the device and go to the host together, at
     the end or whenever :data:`FLUSH_BYTES` of them have piled up.
     """
-    from tqdm import tqdm
-
     done: list = []  # host chunks (or device outputs with keep_on_device)
     pending: list = []  # device outputs not yet copied to the host
     pending_bytes = 0
@@ -290,16 +291,10 @@ class Preprocess:
 
     def file(self, path, name: Optional[str] = None) -> np.ndarray:
         """Decode one image file (path or binary file object) to uint8 (S, S, 3)."""
-        from inat.data.images import decode_image
-
         return decode_image(path, self.size, self.interpolation, self.crop_pct, name=name)
 
     def array(self, rgb: np.ndarray) -> np.ndarray:
         """An RGB uint8 (H, W, 3) array (a detector's crop, a video frame) to uint8 (S, S, 3)."""
-        from PIL import Image
-
-        from inat.data.images import fit_image
-
         return fit_image(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)), self.size, self.interpolation,
                          self.crop_pct)
 

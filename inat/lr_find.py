@@ -31,8 +31,14 @@ import torch.nn.functional as F
 
 from inat.config import LR_FIND_MIN_STEPS as MIN_STEPS
 from inat.config import LR_FIND_RULES as RULES
+from inat.data.augment import BatchAugment
 from inat.errors import InatError
+from inat.inference import process_precision
+from inat.models.freeze import set_train_mode
 from inat.run_folder import LR_FIND
+from inat.runs import write_json
+from inat.training.build import build_trainable, open_device
+from inat.training.data import SEED_AUG, SEED_ORDER
 
 
 def ramp(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
@@ -76,12 +82,6 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
     ``overrides`` are the command's own (``model=... finetune=...``); the suggested training
     command repeats them.
     """
-    from inat.data.augment import BatchAugment
-    from inat.inference import process_precision
-    from inat.models.freeze import set_train_mode
-    from inat.training.build import build_trainable, open_device
-    from inat.training.data import SEED_AUG, SEED_ORDER
-
     lf = cfg.lr_find  # its ranges, the rule and start_lr < end_lr were checked with the config
     device = open_device(cfg.train.threads)
     # The model, data and optimizer a training run builds (build.build_trainable), without its run folder's files.
@@ -141,7 +141,6 @@ def find_lr(cfg: Any, out_dir: Path, progress: bool = True, overrides: Sequence[
         "lr": lrs[finite].tolist(), "loss": losses_arr[finite].tolist(), "smoothed_loss": smoothed.tolist(),
         "figure": "lr_find.png",
     }
-    from inat.runs import write_json
 
     write_json(out_dir / LR_FIND, result)
     plot_lr_find(result, out_dir / "lr_find.png")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from inat.data.folder import IMAGE_EXTENSIONS
 from inat.errors import InatError
@@ -146,8 +147,6 @@ def predict_images(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike],
     Raises InatError for a missing input, no images found, no image readable, or ``reject``
     without a stored threshold; otherwise the result lists the records and the skipped files.
     """
-    from tqdm import tqdm
-
     if top_k < 1:
         raise InatError(f"predict.top_k must be at least 1 (got {top_k}).")
     if batch_size < 1:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from inat.run_folder import HYDRA_CONFIG, HYDRA_HYDRA, HYDRA_OVERRIDES, SPLIT
+from inat.runs import atomic_path
 
 # What a command writes before it may be refused: Hydra's record and the split manifest.
 RECORD_FILES = (HYDRA_CONFIG, HYDRA_HYDRA, HYDRA_OVERRIDES, SPLIT)
@@ -72,7 +73,6 @@ def restore_if_refused() -> bool:
         return False
     if any(_identity(kept.run_dir / name) != before for name, before in kept.checkpoints.items()):
         return False  # the command trained here: the folder and its record are now its own
-    from inat.runs import atomic_path
 
     for name, data in kept.files.items():
         path = kept.run_dir / name

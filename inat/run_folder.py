@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+import yaml  # PyYAML comes with OmegaConf; plain safe_load keeps "${...}" strings as written
+
 from inat.errors import InatError
 from inat.runs import write_json
 from inat.runs import write_metrics as _write_rows
@@ -248,8 +250,6 @@ def _json(path: Path, strict: bool) -> Optional[Dict[str, Any]]:
 def _yaml(path: Path) -> Any:
     if not path.is_file():
         return None
-    import yaml  # PyYAML comes with OmegaConf; plain safe_load keeps "${...}" strings as written
-
     return yaml.safe_load(path.read_text())
 
 

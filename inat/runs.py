@@ -216,7 +216,7 @@ def world() -> tuple[int, int]:
 
 def in_multirun() -> bool:
     """True inside a Hydra multirun job (a sweep trial)."""
-    try:
+    try:  # Hydra loads here, not at the top: every layer imports runs.py, few need Hydra
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 

@@ -21,6 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
 from inat.data.dataset import audit_sources, dataset_root, uses_manifest
 from inat.data.folder import (IMAGE_EXTENSIONS, check_root, class_dirs, find_test_dir, find_val_dir,
                               linked_class_folders, test_access)
@@ -47,8 +51,6 @@ DUPLICATE_KINDS = ("within_class", "across_classes", "across_splits")
 @contextlib.contextmanager
 def _strict_pil() -> Iterator[None]:
     """Refuse truncated images while inside, whatever another part of the process set."""
-    from PIL import ImageFile
-
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -58,16 +60,12 @@ def _strict_pil() -> Iterator[None]:
 
 
 def _worker_init() -> None:
-    from PIL import ImageFile
-
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @functools.lru_cache(maxsize=1)
 def _dct_matrix(n: int = 32) -> Any:
     """Orthonormal DCT-II matrix ``(n, n)``: ``C @ x @ C.T`` is the 2-D DCT of ``x``."""
-    import numpy as np
-
     k = np.arange(n)
     matrix = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * np.sqrt(2.0 / n)
     matrix[0] /= np.sqrt(2.0)
@@ -82,9 +80,6 @@ def phash(image: Any) -> int:
     and small crops. On imagewoof10 it found every true copy a 64-bit difference hash found,
     without the difference hash's false matches between flat, centred photos.
     """
-    import numpy as np
-    from PIL import Image
-
     thumb = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)  # (32, 32)
     dct = _dct_matrix(32)
     low = (dct @ thumb @ dct.T)[:8, :8]  # (8, 8)
@@ -101,10 +96,6 @@ def inspect_file(path: str) -> Dict[str, Any]:
     draft mode (DCT scaling to about 64 px): the whole entropy-coded stream is still read,
     so truncation is still caught, at a fraction of a full decode's cost.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    import numpy as np
-
     out: Dict[str, Any] = {"status": "ok", "error": None, "format": None, "mode": None,
                            "width": None, "height": None, "phash": None, "gray": False}
     try:
@@ -187,8 +178,6 @@ def find_near_pairs(hashes: Sequence[int], max_distance: int = NEAR_DISTANCE) ->
     hashes that close agree exactly on at least one band, so only hashes sharing a band value
     are compared (vectorised per bucket), not all n^2 pairs.
     """
-    import numpy as np
-
     if not 0 <= max_distance < 64:
         raise InatError(f"Near-duplicate distance must be between 0 and 63 bits, got {max_distance}.")
     values = np.asarray(list(hashes), dtype=np.uint64)
@@ -279,8 +268,6 @@ def _group_duplicates(files: List[Dict[str, Any]], max_distance: int) -> Tuple[D
 
 
 def _inspect_all(paths: List[str], workers: int, progress: bool) -> List[Dict[str, Any]]:
-    from tqdm import tqdm
-
     bar = dict(total=len(paths), desc="audit", unit="file", disable=not progress, mininterval=0.5)
     if workers <= 1 or len(paths) < 2:
         with _strict_pil():

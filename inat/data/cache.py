@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
+from inat.data.images import decode_image
 from inat.errors import InatError
+from inat.runs import atomic_open, os_error_sentence, usable_cpus
 
 # 2: EXIF orientation applied; a version-1 cache holds phone photos on their side.
 CACHE_VERSION = 2
@@ -50,8 +53,6 @@ def cache_key(paths: Sequence[Path], size: int, interpolation: str, crop_pct: fl
 
 
 def _decode_one(args: Tuple[str, int, str, float]) -> Tuple[np.ndarray, str]:
-    from inat.data.images import decode_image
-
     path, size, interpolation, crop_pct = args
     try:
         data = Path(path).read_bytes()
@@ -77,8 +78,6 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 def load_or_build(paths: Sequence[Path], size: int, *, interpolation: str = "bilinear", crop_pct: float = 1.0,
                   directory: str = "", workers: int = 0, label: str = "images", progress: bool = True) -> ImageCache:
     """Return the cache for ``paths`` at ``size``, building it (in parallel) if needed."""
-    from inat.runs import os_error_sentence
-
     folder = cache_dir(directory)
     key = cache_key(paths, size, interpolation, crop_pct)
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
@@ -110,10 +109,6 @@ def _build(paths: Sequence[Path], size: int, interpolation: str, crop_pct: float
     mapping kills the process with SIGBUS, while ``write`` raises ENOSPC, which becomes one
     sentence; the temp files are removed on every error.
     """
-    from tqdm import tqdm
-
-    from inat.runs import atomic_open, usable_cpus
-
     hashes: List[str] = [""] * len(paths)
     jobs = [(str(p), size, interpolation, crop_pct) for p in paths]
     n_workers = workers or usable_cpus()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from inat.data.download import ensure_dataset
 from inat.data.folder import (FolderSplit, check_not_train, check_test_access, check_test_folder, find_val_dir, roles,
                               scan_test, scan_train, scan_val)
 from inat.data.manifest import Row, as_split, overlapping, read_manifest, split_rows, train_classes
@@ -36,8 +37,6 @@ def dataset_root(data_cfg: Any, fetch: bool = True) -> Path:
             raise InatError(f"Manifest '{manifest}' does not exist.")
         return manifest.parent
     if fetch:
-        from inat.data.download import ensure_dataset
-
         return ensure_dataset(data_cfg)
     return Path(data_cfg["root"])
 

@@ -29,7 +29,10 @@ import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from tqdm import tqdm
+
 from inat.errors import InatError
+from inat.runs import exclusive_file, os_error_sentence
 
 
 class UnreachableError(InatError):
@@ -82,8 +85,6 @@ def _check_complete(part: Path, dest: Path, url: str, sha256: Optional[str], exp
 
 def _fetch_once(url: str, part: Path, expected_size: Optional[int], progress: bool) -> int:
     """One HTTP request appending to ``part``; returns bytes received, raises ``_Incomplete`` if cut short."""
-    from tqdm import tqdm
-
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "inat-download/1", "Accept-Encoding": "identity"}
     if offset:
@@ -309,8 +310,6 @@ def prepare_dataset(root: Path, url: str, sha256: Optional[str] = None, *, progr
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """Wait for, then hold, the download lock (``runs.exclusive_file``: removed on release, so a
     refused or finished download leaves nothing beside the dataset)."""
-    from inat.runs import exclusive_file, os_error_sentence
-
     held = contextlib.ExitStack()
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from inat.errors import InatError
 
@@ -40,8 +41,6 @@ def open_upright(path, draft: int | None = None, name: str | None = None):
     for the smallest scale whose sides stay >= ``draft`` pixels. Errors name the file
     (``name`` when ``path`` is a file object) in one InatError sentence.
     """
-    from PIL import Image, ImageOps
-
     try:
         with Image.open(path) as img:
             if draft and img.format == "JPEG":
@@ -61,8 +60,6 @@ def to_rgb(img):
     PIL's ``convert("RGB")`` clips mode ``I;16``/``I`` values above 255, so a 16-bit PNG would
     decode as an all-white image; dividing by 257 maps 0..65535 onto 0..255 exactly.
     """
-    from PIL import Image
-
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         wide = np.asarray(img).astype(np.float64)  # (H, W); mode I is read as 16-bit too (PNG's own range)
         img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")

@@ -22,9 +22,11 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 import torch
 
+from inat.data.images import open_upright
 from inat.detect.detector import Detection, Detector, check_class_names
 from inat.detect.track import LoiterTracker, Track
 from inat.errors import InatError
+from inat.predictor import UNKNOWN, Predictor
 from inat.run_folder import DETECT, DETECT_EVENTS
 from inat.runs import write_json
 
@@ -81,8 +83,6 @@ def read_image(path: Path) -> np.ndarray:
     Through the classifier's own decoder (EXIF orientation applied, 16-bit scaled), so a
     crop named by ``detect.classify`` has the pixels predict would see in the same photo.
     """
-    from inat.data.images import open_upright
-
     try:
         rgb = np.asarray(open_upright(path))  # (H, W, 3)
     except InatError as err:
@@ -145,8 +145,6 @@ class SpeciesNamer:
 
     def __init__(self, checkpoint: str, reject: bool = False) -> None:
         # Imported here: the classifier stack is only needed when this option is used.
-        from inat.predictor import Predictor
-
         if not Path(checkpoint).is_file():
             raise InatError(f"Classifier checkpoint {checkpoint} (detect.classify) does not exist.")
         self.predictor = Predictor.from_checkpoint(checkpoint)
@@ -156,8 +154,6 @@ class SpeciesNamer:
 
     def name(self, image_rgb: np.ndarray, boxes: Sequence[Tuple[float, float, float, float]]) -> List[Species]:
         """The :class:`Species` of each box's crop of the ``(H, W, 3)`` RGB image."""
-        from inat.predictor import UNKNOWN
-
         if not boxes:
             return []
         crops = []
@@ -229,13 +225,13 @@ def watch(detect_cfg: Any, out_dir: Path, reject: bool = False) -> Dict[str, Any
     """
     import cv2
 
-    detector = Detector(detect_cfg.cfg, detect_cfg.weights, detect_cfg.names, size=int(detect_cfg.size),
-                        conf=float(detect_cfg.conf), iou=float(detect_cfg.iou))
+    detector = Detector(detect_cfg.cfg, detect_cfg.weights, detect_cfg.names, size=detect_cfg.size,
+                        conf=detect_cfg.conf, iou=detect_cfg.iou)
     watched = set(check_class_names(list(detect_cfg.watch), detector.names))
-    if int(detect_cfg.loiter_frames) < 1:
+    if detect_cfg.loiter_frames < 1:
         raise InatError(f"detect.loiter_frames must be at least 1, got {detect_cfg.loiter_frames}.")
     sources = find_sources(list(detect_cfg.inputs))
-    namer = SpeciesNamer(str(detect_cfg.classify), reject=reject) if detect_cfg.classify else None
+    namer = SpeciesNamer(detect_cfg.classify, reject=reject) if detect_cfg.classify else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
@@ -245,7 +241,7 @@ def watch(detect_cfg: Any, out_dir: Path, reject: bool = False) -> Dict[str, Any
     skipped: List[Tuple[str, str]] = []
     with open(out_dir / DETECT_EVENTS, "w") as log:
         for kind, path, files in sources:
-            tracker = LoiterTracker(int(detect_cfg.loiter_frames))
+            tracker = LoiterTracker(detect_cfg.loiter_frames)
             writer = None
             try:
                 for frame in iter_frames(kind, path, files, skipped):
@@ -301,7 +297,7 @@ def watch(detect_cfg: Any, out_dir: Path, reject: bool = False) -> Dict[str, Any
         "loitering_alerts": [{k: a[k] for k in ("source", "frame", "class", "track")} for a in alerts],
         "detector_frames_per_second": round(frames_done / detect_seconds, 2) if detect_seconds else None,
         "overall_frames_per_second": round(frames_done / wall, 2) if wall else None,
-        "size": int(detect_cfg.size),
+        "size": detect_cfg.size,
         "watch": sorted(watched),
         "environment": _environment(detector.device),  # the speed is this machine's: CPU, capability, threads
     }

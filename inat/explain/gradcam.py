@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from inat.choices import CAM_METHODS
 from inat.errors import InatError
+from inat.explain.scoring import model_device, normalise
 from inat.models.base import InatModel, ModelSpec
 
 METHODS = CAM_METHODS
@@ -113,8 +114,6 @@ def draw_gradcam_grid(model: InatModel, spec: ModelSpec, scores, out: Path, per_
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from inat.explain.scoring import model_device, normalise
 
     rows = pick_correct_and_wrong(scores.labels, scores.preds, len(scores.classes), per_class, seed)
     flat = [i for r in rows for i in r]

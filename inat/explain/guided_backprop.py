@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from inat.errors import InatError
+from inat.explain.scoring import model_device, normalise
 from inat.models.base import InatModel, ModelSpec
 
 # Module types treated as activations. Activations called through torch.nn.functional
@@ -116,8 +118,6 @@ def pick_neurons(conv5_max: np.ndarray, count: int, neurons: Sequence[int] | Non
     """The channels to show: ``neurons`` as given, else the ``count`` with the highest mean max-activation."""
     n_channels = conv5_max.shape[1]
     if neurons:
-        from inat.errors import InatError
-
         bad = [n for n in neurons if not 0 <= int(n) < n_channels]
         if bad:
             raise InatError(f"explain.neurons {bad} are out of range: CONV5 has {n_channels} channels (0..{n_channels - 1}).")
@@ -149,8 +149,6 @@ def draw_guided_backprop(model: InatModel, spec: ModelSpec, scores, out: Path, n
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from inat.explain.scoring import model_device, normalise
 
     chosen = pick_neurons(scores.conv5_max, count, neurons)
     best = [int(scores.conv5_max[:, c].argmax()) for c in chosen]  # image index per neuron

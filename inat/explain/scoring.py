@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from inat.data.images import to_float
+from inat.data.testset import read_test_set
 from inat.inference import Preprocess
 from inat.models.base import InatModel, ModelSpec
 from inat.predictor import Predictor, decode_files
@@ -101,8 +102,6 @@ def score_test_folder(predictor: Predictor, root: str | Path, batch_size: int = 
     included), and its decode-once cache, so explaining a checkpoint that was already tested
     reads tensors instead of JPEGs.
     """
-    from inat.data.testset import read_test_set
-
     spec = predictor.spec
     split, cache = read_test_set(predictor.state, root, int(spec.input_size), purpose="explain",
                                  interpolation=spec.interpolation, crop_pct=float(spec.crop_pct), cache_dir=cache_dir)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Tuple
 
+from omegaconf import OmegaConf
+
+from inat.checkpoint import load_checkpoint
 from inat.errors import InatError
 from inat.models.base import InatModel, ModelSpec
 from inat.models.registry import create_model, list_models, register_model
@@ -33,8 +36,6 @@ def model_from_checkpoint(path: str | Path, *, use_ema: bool = True) -> Tuple[In
     Commands that score images use ``inat.predictor.Predictor.from_checkpoint``, which adds
     the device, precision, temperature and preprocessing.
     """
-    from inat.checkpoint import load_checkpoint
-
     state = load_checkpoint(path)
     try:
         model = model_from_state(state, use_ema=use_ema)
@@ -49,8 +50,6 @@ def model_from_state(state: dict, *, use_ema: bool = True) -> InatModel:
     Pretrained weights are not fetched again: the checkpoint overwrites them anyway, and
     fetching would need the network for torchvision/timm backbones.
     """
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.create(state["config"])
     cfg.model.pretrained = False
     cfg.model.weights_file = None

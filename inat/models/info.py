@@ -6,6 +6,7 @@ from typing import Any, Dict
 
 import torch
 from omegaconf import DictConfig
+from torch.utils.flop_counter import FlopCounterMode
 
 from inat.data.dataset import dataset_root, scan_train_set, uses_manifest
 from inat.errors import InatError
@@ -15,8 +16,6 @@ from inat.models.scratch import FORMULA_MACS, FORMULA_PARAMS, count_macs, count_
 
 def measure(model: torch.nn.Module, size: int) -> Dict[str, int]:
     """``numel()`` of the parameters and torch's FLOP counter / 2 for one (1, 3, size, size) input."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, size, size))

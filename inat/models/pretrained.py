@@ -11,6 +11,7 @@ preprocessing (input size, mean, std, interpolation, crop) into the ModelSpec.
 from __future__ import annotations
 
 import difflib
+import urllib.error
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -272,8 +273,6 @@ def build_torchvision_backbone(arch: str, model_cfg: Any, num_classes: int, name
         # ImageNet Inception weights expect its built-in renormalisation, from a file too.
         kwargs["transform_input"] = pretrained
     if pretrained and not weights_file:
-        import urllib.error
-
         try:
             net = get_model(arch, weights=weights, **kwargs)
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:

@@ -15,7 +15,7 @@ NAMES = ("train", "test", "download", "audit", "info", "explain", "report", "swe
 
 def command_overrides() -> List[str]:
     """The command line's own overrides (``model=... data.root=...``); empty outside a Hydra app."""
-    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig  # here: inat/__init__ imports this module, and stays Hydra-free
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.data.audit import audit_dataset, format_summary
+from inat.run_folder import AUDIT
+from inat.runs import usable_cpus, write_json
+
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.data.audit import audit_dataset, format_summary
-    from inat.run_folder import AUDIT
-    from inat.runs import usable_cpus, write_json
-
     report = audit_dataset(Path(cfg.data.root), workers=cfg.data.workers or usable_cpus(), data_cfg=cfg.data)
     path = Path(out_dir) / AUDIT
     write_json(path, report)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.detect import print_summary, watch
+
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.detect import print_summary, watch
-
-    summary = watch(cfg.detect, Path(out_dir), reject=bool(cfg.predict.reject))
+    summary = watch(cfg.detect, Path(out_dir), reject=cfg.predict.reject)
     print_summary(summary, Path(out_dir))

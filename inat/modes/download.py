@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.data.download import fetch_dataset
+from inat.run_folder import DOWNLOAD
+from inat.runs import write_json
+
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.data.download import fetch_dataset
-    from inat.run_folder import DOWNLOAD
-    from inat.runs import write_json
-
     root = Path(cfg.data.root)
-    record = fetch_dataset(root, str(cfg.data.url), cfg.data.sha256)
+    record = fetch_dataset(root, cfg.data.url, cfg.data.sha256)
     path = Path(out_dir) / DOWNLOAD
     write_json(path, record)
     if not record["extracted"]:

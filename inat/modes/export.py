@@ -5,19 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.export import export_checkpoint
+from inat.run_folder import EXPORT
+
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.export import export_checkpoint
-    from inat.run_folder import EXPORT
-
     e = cfg.export
-    options = dict(fmt=str(e.format), verify_images=int(e.verify_images), opset=int(e.opset),
-                   onnx_exporter=str(e.onnx_exporter), tolerance=float(e.tolerance), calibrated=bool(e.calibrated),
-                   quantize=str(e.quantize), max_drop=float(e.max_drop), calibration_images=int(e.calibration_images))
+    options = dict(fmt=e.format, verify_images=e.verify_images, opset=e.opset, onnx_exporter=e.onnx_exporter,
+                   tolerance=e.tolerance, calibrated=e.calibrated, quantize=e.quantize, max_drop=e.max_drop,
+                   calibration_images=e.calibration_images)
     if options["quantize"] == "none":
         result = export_checkpoint(cfg.ckpt, out_dir, **options)
     else:
-        from inat.quantize import GateRefused, describe
+        from inat.quantize import GateRefused, describe  # onnx and onnxruntime load only to quantize
 
         try:
             result = export_checkpoint(cfg.ckpt, out_dir, **options)

@@ -8,15 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
+from inat.models.info import scratch_counts
+from inat.run_folder import INFO
+from inat.runs import write_json
+
 
 def run(cfg: Any, out_dir: Path) -> Dict[str, Any]:
-    from inat.models.info import scratch_counts
-    from inat.run_folder import INFO
-    from inat.runs import write_json
-
     r = scratch_counts(cfg)
     write_json(Path(out_dir) / INFO, r)
-    size = int(cfg.data.image_size)
+    size = cfg.data.image_size
     print("Scratch CNN, 5 x (conv -> [BN] -> act -> maxpool 2x2) -> dense -> act -> dropout -> output")
     print(f"  channels {r['channels']}  kernels {r['kernels']}  dense {r['dense_units']}  "
           f"classes {r['num_classes']}  input {size}x{size}x3  batch_norm {r['batch_norm']}")

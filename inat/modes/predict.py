@@ -4,14 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.predict import predict_images
+
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.predict import predict_images
-
     p = cfg.predict
-    result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=int(p.top_k), tta=bool(p.tta),
-                            batch_size=int(p.batch_size), workers=int(p.workers), precision=cfg.train.precision,
-                            calibrated=bool(p.calibrated), reject=bool(p.reject))
+    result = predict_images(cfg.ckpt, list(p.inputs), out_dir, top_k=p.top_k, tta=p.tta,
+                            batch_size=p.batch_size, workers=p.workers, precision=cfg.train.precision,
+                            calibrated=p.calibrated, reject=p.reject)
     skipped = f"; skipped {len(result.skipped)} unreadable file(s)" if result.skipped else ""
     unknown = (f"; {result.unknown} unknown (below the threshold {result.reject_threshold:.3f})"
                if result.reject_threshold is not None else "")

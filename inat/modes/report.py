@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from inat.report import build_report
+from inat.report.html import pct
+
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.report import build_report
-    from inat.report.html import pct
-
     r = cfg.report
     result = build_report(list(r.inputs), Path(r.out), out_dir, title=str(r.title), explain=bool(r.explain))
     size_kb = Path(result["out"]).stat().st_size / 1024

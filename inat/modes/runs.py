@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from inat.errors import InatError
+from inat.run_folder import RUNS_CSV
+from inat.runs_table import build_table, format_table, write_csv
 
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.run_folder import RUNS_CSV
-    from inat.runs_table import build_table, format_table, write_csv
-
     r = cfg.runs
     if not r.root:
         raise InatError("runs needs the folder to read: python run.py +mode=runs runs.root=outputs")

@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Any
 
 from inat.errors import InatError
+from inat.run_folder import SWEEP_REPORT_HTML
+from inat.sweep.report import build_report
 
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.run_folder import SWEEP_REPORT_HTML
-    from inat.sweep.report import build_report
-
     if not cfg.sweep.dir:
         raise InatError("sweep_report needs the sweep folder: python run.py +mode=sweep_report sweep.dir=SWEEP_DIR")
     sweep_dir = Path(cfg.sweep.dir)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
+from inat.holdout import test_checkpoint
 from inat.modes import data_root_overridden
+from inat.run_folder import TEST
 
 
 def print_test(result: Dict[str, Any]) -> None:
@@ -28,9 +30,6 @@ def print_test(result: Dict[str, Any]) -> None:
 
 
 def run(cfg: Any, out_dir: Path) -> None:
-    from inat.holdout import test_checkpoint
-    from inat.run_folder import TEST
-
     result = test_checkpoint(cfg.ckpt, out_dir, cfg.data.root if data_root_overridden() else None,
                              precision=cfg.train.precision,
                              test_manifest=cfg.data.test_manifest if data_root_overridden("test_manifest") else None)

@@ -8,26 +8,31 @@ writes a single HTML page with every image inlined.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from inat.errors import InatError
+from inat.report import charts
+from inat.report.collect import best_run, collect
+from inat.report.html import page
+from inat.report.rejection import rejection_section
+from inat.report.repeats import repeats_section
 from inat.run_folder import EXPLAIN_FILE, GRADCAM
+from inat.runs import atomic_open
 
 __all__ = ["build_report"]
 
 
 def _explain_best(run, work_dir: Path, allow: bool) -> tuple[Optional[Dict[str, Any]], Optional[Path]]:
     """explain.json and its folder for ``run``: the run's own, else made now into ``work_dir``."""
-    import json
-
     if run is None:
         return None, None
     if run.explain_dir is not None:
         return json.loads((run.explain_dir / EXPLAIN_FILE).read_text()), run.explain_dir
     if not allow or run.best_ckpt is None:
         return None, None
-    from inat.explain import explain_checkpoint
+    from inat.explain import explain_checkpoint  # torch: only when a figure is missing
 
     target = Path(work_dir) / "explain" / run.name.replace("/", "_")
     return explain_checkpoint(run.best_ckpt, target), target
@@ -39,7 +44,7 @@ def _sweep_figures(sweeps) -> Dict[str, Dict[str, str]]:
         import plotly  # noqa: F401 - optional: without it the report shows the sweeps' PNGs
     except ImportError:
         return {}
-    from inat.sweep.analysis import load_sweep
+    from inat.sweep.analysis import load_sweep  # Optuna, like plotly above
     from inat.sweep.plots import plotly_fragments
 
     out: Dict[str, Dict[str, str]] = {}
@@ -58,7 +63,7 @@ def _gradcam_best_tuned(run, work_dir: Path, allow: bool) -> Optional[Path]:
         return run.explain_dir / GRADCAM
     if not allow or run.best_ckpt is None:
         return None
-    from inat.explain import explain_checkpoint
+    from inat.explain import explain_checkpoint  # torch: only when a figure is missing
 
     target = Path(work_dir) / "explain" / run.name.replace("/", "_")
     explain_checkpoint(run.best_ckpt, target, what=["gradcam"])
@@ -71,14 +76,10 @@ def build_report(inputs: List[str], out_file: Path, work_dir: Path, title: str =
 
     ``work_dir`` receives explain figures made for the report (the inputs are only read).
     """
-    from inat.report import charts, sections
-    from inat.report.collect import best_run, collect
-    from inat.report.html import page
+    # torch (sections, provenance, explain) and Optuna (sweep.analysis) load here, not at the top: this
+    # __init__ runs before every module of inat.report
+    from inat.report import sections
     from inat.report.provenance import run_provenance, this_machine
-    from inat.report.rejection import rejection_section
-    from inat.report.repeats import repeats_section
-
-    from inat.runs import atomic_open
 
     out_file = Path(out_file)
     if out_file.is_dir():  # checked first: the explain figures below can take minutes

@@ -8,10 +8,13 @@ report and labelled so, never passed off as the run's.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+import torch
 
 from inat.report.collect import Run
 
@@ -29,10 +32,6 @@ def cpu_model() -> str:
 
 def this_machine() -> Dict[str, str]:
     """Versions and hardware of the machine running the report."""
-    import os
-
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)", "gpu": gpu, "os": platform.platform()}

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
+from inat.models.scratch import (FORMULA_MACS, FORMULA_PARAMS, Architecture, architecture_from_config, count_macs,
+                                 count_params)
 from inat.report.collect import Run, Sweep
 from inat.report.html import Raw, esc, figure, pct, table
 
@@ -98,11 +101,6 @@ def appendix(runs: List[Run]) -> str:
 
 def counts_section(run: Optional[Run]) -> str:
     """Part A Q1: the closed-form parameter and multiply-add counts, and their values for the run."""
-    from types import SimpleNamespace
-
-    from inat.models.scratch import (FORMULA_MACS, FORMULA_PARAMS, Architecture, architecture_from_config,
-                                     count_macs, count_params)
-
     out = ["<h2>Part A</h2><h2 id=\"q1\">Q1. The model and its closed-form counts</h2>",
            "<p>5 blocks of conv (k×k, m filters, 'same' padding) → activation → 2×2 max-pool, then a dense layer "
            "of n units and a 10-way output, on an H×W×3 input. Without batch norm and with m filters of k×k in every "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -214,7 +215,7 @@ def param_importance(data: SweepData) -> tuple[Dict[str, float], Optional[str]]:
     study rebuilt from the folders; importances are shares that sum to 1."""
     import optuna
 
-    from inat.sweep.fanova import FanovaEvaluator
+    from inat.sweep.fanova import FanovaEvaluator  # Optuna's fANOVA module, like optuna above
 
     study = data.study
     note = "fANOVA"
@@ -235,8 +236,6 @@ def param_importance(data: SweepData) -> tuple[Dict[str, float], Optional[str]]:
 
 def study_from_folders(data: SweepData) -> Any:
     """An in-memory study holding the complete trials read from the folders."""
-    import warnings
-
     import optuna
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 

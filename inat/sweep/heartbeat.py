@@ -23,6 +23,8 @@ import threading
 import warnings
 from typing import Any, Iterator, List, Optional
 
+from inat.sweep.study import database_url, engine_kwargs, hide_password
+
 log = logging.getLogger(__name__)
 
 RETRIED = "failed_trial"  # Optuna's system attr on a retry copy: the number of the first failed trial
@@ -31,8 +33,6 @@ FIRST_BEAT_WAIT_S = 30.0  # how long a trial waits for its first heartbeat befor
 
 def heartbeat_storage(url: Optional[str]) -> bool:
     """True for the storages Optuna records heartbeats in (SQLAlchemy URLs: SQLite, PostgreSQL, MySQL)."""
-    from inat.sweep.study import database_url
-
     return database_url(url)
 
 
@@ -131,8 +131,6 @@ def _beat(url: str, study_name: str, number: int, seconds: float, started: threa
           stop: threading.Event) -> None:
     """The heartbeat thread: open its own storage, find the trial, record a heartbeat every ``seconds``."""
     from optuna.storages import RDBStorage
-
-    from inat.sweep.study import engine_kwargs, hide_password
 
     storage = None
     try:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+
+from inat.run_folder import SWEEP_PARALLEL_PNG, SWEEP_PROGRESS_PNG
 from inat.sweep.analysis import Row, SweepData
 
 STATE_COLORS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "budget": "#7f7f7f", "running": "#2ca02c"}
@@ -106,8 +109,6 @@ def _nice_ticks(lo: float, hi: float, log: bool) -> List[float]:
 
 def tick_label(value: float) -> str:
     """A plain number with up to 3 significant digits: 0.0001, not 1e-04."""
-    import numpy as np
-
     return np.format_float_positional(value, precision=3, unique=False, fractional=False, trim="-")
 
 
@@ -174,7 +175,6 @@ def parallel_figure(data: SweepData) -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     axes = axes_values(data)
     acc = np.array([100 * r.val_accuracy for r in data.trained])
@@ -211,8 +211,6 @@ def parallel_figure(data: SweepData) -> Any:
 def save_pngs(data: SweepData, sweep_dir: Path) -> Dict[str, str]:
     """Write sweep_progress.png and sweep_parallel.png; returns {figure: file name}."""
     import matplotlib.pyplot as plt
-
-    from inat.run_folder import SWEEP_PARALLEL_PNG, SWEEP_PROGRESS_PNG
 
     files = {}
     for key, make, name in (("progress", progress_figure, SWEEP_PROGRESS_PNG),

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from inat.errors import InatError
-from inat.run_folder import PROMOTION, read_sweep_info
+from inat.run_folder import PROMOTION, overrides_dict, read_overrides, read_sweep_info
 from inat.runs import write_json
+from inat.sweep.analysis import load_sweep
 from inat.sweep.study import open_study
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
@@ -37,8 +39,6 @@ def top_configs(sweep_dir: Path, k: int, storage: Optional[str] = None,
     Reads the Optuna study; without one (storage gone or unreachable) reads the trial folders.
     """
     import optuna
-
-    from inat.sweep.analysis import load_sweep
 
     data = load_sweep(Path(sweep_dir), storage, study_name)
     if data.study is not None:
@@ -67,8 +67,6 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
     Returns what it wrote to ``out_dir/promotion.json`` (the command, and per promoted trial
     its proxy trial, proxy value and, once run, full-fidelity value).
     """
-    import warnings
-
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # enqueue_trial
@@ -91,8 +89,6 @@ def promote(proxy_dir: Path, out_dir: Path, top_k: int, full_args: Sequence[str]
         study.enqueue_trial(cfg["params"])
     # The best trial's own overrides, minus its searched keys: the exact command it ran under
     # (sweep.json only keeps the last command given to a sweep folder).
-    from inat.run_folder import overrides_dict, read_overrides
-
     searched = set(best[0]["params"])
     proxy_args = [f"{k}={v}" for k, v in overrides_dict(read_overrides(proxy_dir / str(best[0]["trial"]))).items() if k not in searched]
     args = merge_overrides(proxy_args, full_args)

@@ -15,6 +15,8 @@ from inat.run_folder import SWEEP_REPORT, SWEEP_REPORT_HTML
 from inat.runs import write_json
 from inat.sweep.analysis import SweepData, best_row, correlations, load_sweep, reproduce_command
 from inat.sweep.observations import observations
+from inat.sweep.plots import plotly_fragments, save_pngs
+from inat.sweep.wandb_export import preset_params, write_wandb_sweep
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -31,9 +33,6 @@ def _pct(value: Optional[float]) -> str:
 
 def build_report(sweep_dir: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> Dict[str, Any]:
     """Compute and write every report file for ``sweep_dir``; returns the JSON summary."""
-    from inat.sweep.plots import plotly_fragments, save_pngs
-    from inat.sweep.wandb_export import preset_params, write_wandb_sweep
-
     sweep_dir = Path(sweep_dir)
     data = load_sweep(sweep_dir, storage, study_name)
     if not data.rows:

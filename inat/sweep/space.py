@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
+
 
 def sweep_errors(n_trials: Any, params: Optional[Dict[str, Any]], arguments: Sequence[str]) -> List[str]:
     """Sentences for ``n_trials`` < 1 and every ``interval(low, high)`` with low >= high.
@@ -14,9 +17,6 @@ def sweep_errors(n_trials: Any, params: Optional[Dict[str, Any]], arguments: Seq
     ``params`` is ``hydra.sweeper.params`` (key -> sweep expression), ``arguments`` the
     command's own overrides; both may hold intervals.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import IntervalSweep
-
     errors: List[str] = []
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         errors.append(f"hydra.sweeper.n_trials must be an integer >= 1, got {n_trials}.")

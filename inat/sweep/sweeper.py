@@ -31,19 +31,25 @@ The plugin's ``sweep`` loop, rewritten around the same helpers, adds:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 
+from inat.cli import fail
+from inat.errors import InatError
 from inat.run_folder import BUDGET_PREFIX, HYDRA_OVERRIDES, OPTIMIZATION_RESULTS, SWEEP_INFO, Summary, write_summary
 from inat.runs import atomic_open, exclusive_file, os_error_sentence, write_json
 from inat.sweep.heartbeat import RETRIED, fail_stale, finished_in_storage, is_retry, retry
+from inat.sweep.space import sweep_errors
 from inat.sweep.study import hide_password, open_study
 from inat.sweep.trials import read_trial
 
@@ -78,8 +84,6 @@ def ask_within(study: Any, max_trials: int, lock_path: Optional[Path]) -> Option
                     return None
             return study.ask()
     except OSError as err:
-        from inat.errors import InatError
-
         raise InatError(os_error_sentence(err, Path(lock_path), "lock")) from err
 
 
@@ -135,9 +139,9 @@ def check_dataset(data_cfg: Any) -> None:
     SQLite file and the first trial folder had been created; now it is one sentence and exit 2
     with nothing written. The trials still resolve the root themselves (cheap once it exists).
     """
-    from inat.cli import fail
+    # here, not at the top: Hydra imports this module at every start-up (plugin discovery), and the data
+    # layer brings urllib, ssl and tqdm (inat.data.download)
     from inat.data.dataset import dataset_root, scan_train_set
-    from inat.errors import InatError
 
     try:
         scan_train_set(data_cfg, dataset_root(data_cfg))
@@ -157,9 +161,6 @@ def release_failures(returns: Sequence[Any]) -> None:
 
 def free_device_memory() -> None:
     """Collect what finished trials left (reference cycles) and hand cached CUDA blocks back."""
-    import gc
-    import sys
-
     gc.collect()
     torch = sys.modules.get("torch")  # a sweep that never imported torch has nothing to free
     if torch is not None and torch.cuda.is_initialized():
@@ -218,15 +219,10 @@ class InatOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments: List[str]) -> None:
         from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
-        from inat.cli import fail
-        from inat.errors import InatError
-
         impl = self.sweeper
         assert impl.config is not None and impl.launcher is not None
         cfg = impl.config
         sweep_dir = Path(cfg.hydra.sweep.dir)
-
-        from inat.sweep.space import sweep_errors
 
         errors = sweep_errors(impl.n_trials, OmegaConf.to_container(impl.params) if impl.params else {}, arguments)
         if errors:  # Optuna would answer an inverted interval with a raw traceback
@@ -319,8 +315,6 @@ class InatOptunaSweeper(OptunaSweeper):
         except Exception as err:  # noqa: BLE001 - a trial's process died (submitit UncompletedJobError,
             # joblib TerminatedWorkerError): the launcher has no result for the batch, so its trials are
             # told FAIL below (and retried) instead of the sweep aborting with them left RUNNING in the study.
-            from hydra.core.utils import JobReturn, JobStatus
-
             log.warning(f"Trials {[t.number for t in trials]}: the launcher lost their jobs ({type(err).__name__}).")
             returns = [JobReturn(status=JobStatus.FAILED, _return_value=err) for _ in trials]
             lost = True

@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
 
 def wandb_sweep_config(params: Mapping[str, str], *, method: str = "bayes", metric: str = "best_val_accuracy",
                        extra_args: tuple[str, ...] = ("train.then_test=false",)) -> Dict[str, Any]:
     """The wandb sweep dict for Hydra sweeper ``params`` (``{key: "choice(...)"}``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
-
     parser = OverridesParser.create()
     parameters: Dict[str, Any] = {}
     for key, text in params.items():
@@ -47,8 +48,6 @@ def wandb_sweep_config(params: Mapping[str, str], *, method: str = "bayes", metr
 
 def write_wandb_sweep(params: Mapping[str, str], path: Path, **kwargs: Any) -> Path:
     """Write :func:`wandb_sweep_config` as YAML (``wandb sweep wandb_sweep.yaml`` then ``wandb agent``)."""
-    import yaml
-
     path = Path(path)
     path.write_text("# wandb sweep of the inat Part A search space: wandb sweep THIS_FILE; wandb agent SWEEP_ID\n"
                     + yaml.safe_dump(wandb_sweep_config(params, **kwargs), sort_keys=False))
@@ -57,7 +56,5 @@ def write_wandb_sweep(params: Mapping[str, str], path: Path, **kwargs: Any) -> P
 
 def preset_params(preset: Path | None = None) -> Dict[str, str]:
     """The ``params`` of ``conf/hydra/sweeper/optuna.yaml`` (the default Part A search space)."""
-    import yaml
-
     preset = preset or Path(__file__).resolve().parents[2] / "conf" / "hydra" / "sweeper" / "optuna.yaml"
     return {str(k): str(v) for k, v in (yaml.safe_load(preset.read_text())["params"] or {}).items()}

@@ -28,10 +28,12 @@ worker fails it and trains a copy with the same parameters (``inat.sweep.heartbe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -39,9 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import torch
+from omegaconf import OmegaConf, read_write
+
+from inat.cli import check_overrides, command_errors, compose_command, fail, rewrite_shorthand
 from inat.errors import InatError
 from inat.runs import usable_cpus
-from inat.sweep.study import SQLITE_TIMEOUT_S, hide_password
+from inat.sweep.study import SQLITE_TIMEOUT_S, hide_password, rdb_storage
+from inat.sweep.sweeper import budget_count, check_dataset
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 SETS = ("hydra.sweep.dir", "hydra.sweeper.n_jobs")  # keys every worker gets from this command, one value for all
@@ -80,8 +87,6 @@ def deal_devices(n: int, gpus: Sequence[str]) -> List[Optional[str]]:
 
 def visible_gpus() -> List[str]:
     """This process's GPUs as ``CUDA_VISIBLE_DEVICES`` entries (the ones already visible, if it is set)."""
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     given = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     return given[:count] if given else [str(i) for i in range(count)]
@@ -117,13 +122,7 @@ def prepare_storage(url: str, study_name: str) -> int:
     SQLite: WAL mode on the file (persistent, so once is enough), then Optuna's tables, so the
     workers do not race to create them.
     """
-    import contextlib
-    import sqlite3
-
     from sqlalchemy.engine import make_url
-
-    from inat.sweep.study import rdb_storage
-    from inat.sweep.sweeper import budget_count
 
     try:
         if url.startswith("sqlite"):
@@ -158,11 +157,6 @@ def prepare_storage(url: str, study_name: str) -> int:
 def plan_workers(n: int, overrides: Sequence[str], python: str = sys.executable,
                  gpus: Optional[Sequence[str]] = None) -> Plan:
     """Check the command, pick the sweep folder and storage, prepare the storage, and build N worker commands."""
-    from omegaconf import OmegaConf, read_write
-
-    from inat.cli import check_overrides, command_errors, compose_command, rewrite_shorthand
-    from inat.sweep.sweeper import check_dataset
-
     if n < 1:
         raise InatError(f"The number of workers must be at least 1, got {n}.")
     overrides = [a for a in overrides if a not in ("-m", "--multirun")]
@@ -323,8 +317,6 @@ def run_workers(plan: Plan) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m inat.sweep.workers N -- OVERRIDES``: bad input is one ``error:`` sentence and exit 2."""
-    from inat.cli import fail
-
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     head = argv[:argv.index("--")] if "--" in argv else argv

@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
+import torch
+from omegaconf import OmegaConf
 
+from inat.data.balance import balanced_permutation
 from inat.data.cache import load_or_build
 from inat.data.dataset import dataset_root, scan_train_set, scan_val_set
 from inat.data.folder import FolderSplit
@@ -85,8 +88,6 @@ def checkpoint_split(state: Dict[str, Any], spec: ModelSpec, purpose: str, sides
     of ``sides`` must hash to the images the checkpoint recorded there (``split_sha1``);
     otherwise InatError, whose sentence ends with ``purpose`` (what cannot be done on other images).
     """
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.create(state["config"])
     root = dataset_root(cfg.data, fetch=False)
     data = load_data(cfg.data, spec, root, scan_train_set(cfg.data, root), progress=progress)
@@ -132,12 +133,8 @@ def epoch_order(data: TrainData, seed: int, epoch: int, batch_size: int, rank: i
     dislikes tiny batches), except that a share smaller than one batch is one batch. With
     ``balanced`` the epoch is drawn with replacement so every class is equally likely.
     """
-    import torch
-
     order = torch.Generator().manual_seed(seed * 1000 + SEED_ORDER + 7919 * epoch)
     if balanced:
-        from inat.data.balance import balanced_permutation
-
         perm = data.train_idx[balanced_permutation(data.labels[data.train_idx], order)]
     else:
         perm = data.train_idx[torch.randperm(len(data.train_idx), generator=order).numpy()]

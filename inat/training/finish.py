@@ -16,8 +16,11 @@ import numpy as np
 import torch
 
 from inat.calibration import apply_temperature, choose_temperature, choose_threshold, temperature_record, threshold_record
-from inat.checkpoint import load_checkpoint
+from inat.checkpoint import load_checkpoint, save_checkpoint
+from inat.data.balance import imbalance
 from inat.errors import Preempted
+from inat.inference import batched_logits
+from inat.models import model_from_state
 from inat.run_folder import BEST, LAST, Summary
 from inat.runs import world
 from inat.training import distributed
@@ -85,10 +88,6 @@ def calibrate(s: Setup, run_dir: Path) -> Dict[str, Any]:
     mode scores with (the run's ``aug.tta_flip``); the threshold (``predict.target_precision``)
     on the calibrated probabilities predict computes by default: without the flip.
     """
-    from inat.checkpoint import save_checkpoint
-    from inat.inference import batched_logits
-    from inat.models import model_from_state
-
     best = load_checkpoint(run_dir / BEST)
     model = model_from_state(best).to(s.device)
     spec, images, labels = model.spec, np.asarray(s.data.images[s.data.val_idx]), s.data.labels[s.data.val_idx]
@@ -117,8 +116,6 @@ def calibrate(s: Setup, run_dir: Path) -> Dict[str, Any]:
 
 def run_summary(s: Setup, stop_reason: str, wall: float, calibration: Optional[Dict[str, Any]]) -> Summary:
     """The run's ``summary.json``: best and last accuracy, throughput, sizes, precision, environment, config."""
-    from inat.data.balance import imbalance
-
     state, hist, model, data = s.state, s.state["history"], s.model, s.data
     _, world_size = world()
     rates = [h["images_per_sec"] for h in hist]

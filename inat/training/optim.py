@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from inat.choices import OPTIMIZERS, SCHEDULES
 from inat.errors import InatError
+from inat.models.freeze import param_groups
 
 
 def lr_factor(progress: float, warmup: float, schedule: str) -> float:
@@ -42,8 +43,6 @@ def make_optimizer(model: nn.Module, train_cfg: Any, optim_cfg: Any, finetune_cf
     """
     lr, wd = float(train_cfg.lr), float(optim_cfg.weight_decay)
     if finetune_cfg.strategy != "none":
-        from inat.models.freeze import param_groups
-
         groups = param_groups(model, finetune_cfg, lr, wd)
     else:
         decay = [p for p in model.parameters() if p.ndim > 1]

@@ -29,6 +29,7 @@ from inat.data.augment import BatchAugment
 from inat.errors import InatError
 from inat.inference import Normalizer, Precision, batched_logits, eval_mode, forward_batches, to_device_batch
 from inat.models import InatModel, ModelSpec
+from inat.models.freeze import features_and_head, split_at
 from inat.training.data import SEED_VIEWS, TrainData
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -222,8 +223,6 @@ class FeatureSource:
 
     def __init__(self, model: InatModel, data: TrainData, spec: ModelSpec, precision: Precision,
                  device: torch.device, *, channels_last: bool, eval_batch_size: int, progress: bool) -> None:
-        from inat.models.freeze import features_and_head
-
         backbone_fn, self.module = features_and_head(model)
         self.device = device
         norm = Normalizer(spec.mean, spec.std, device, channels_last=channels_last)
@@ -267,8 +266,6 @@ class PrefixViewSource:
     def __init__(self, model: InatModel, data: TrainData, spec: ModelSpec, aug_cfg: Any, ft_cfg: Any,
                  precision: Precision, device: torch.device, *, seed: int, channels_last: bool,
                  eval_batch_size: int, tta_flip: bool, progress: bool) -> None:
-        from inat.models.freeze import split_at
-
         if ft_cfg.bn == "train_all":
             raise InatError("finetune.cache_views needs the frozen groups' BatchNorm frozen (finetune.bn=freeze_frozen "
                             "or freeze_all): with bn=train_all their statistics change and no output can be cached.")
@@ -346,8 +343,6 @@ class PrefixViewSource:
             yield x.float(), y
 
     def evaluate(self, model: InatModel) -> Tuple[torch.Tensor, torch.Tensor]:
-        from inat.models.freeze import split_at
-
         suffix = split_at(model, self.k, check=False)[1]  # the trained suffix, or the EMA model's
 
         def fn(x: torch.Tensor) -> torch.Tensor:
