@@ -27,7 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from scipy import stats
+
 REPO = Path(__file__).resolve().parents[2]
+CONFIDENCE = 0.95  # of the Welch interval of each variant's difference from the default
 PEER = REPO.parent / "shared" / "bench" / "peer_baseline.py"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
 
@@ -101,6 +104,14 @@ def summarise(rows: list[dict]) -> list[dict]:
                       "epochs_mean": statistics.mean(r["epochs"] for r in rs),
                       "images_per_sec_mean": statistics.mean(r["images_per_sec"] for r in rs),
                       "cpu": rs[0]["cpu"], "cpu_capability": rs[0]["cpu_capability"], "precision": rs[0]["precision"]})
+    for t in table:  # each inat variant against the default at the same budget: Welch 95% interval, ties named
+        base = groups.get((t["cpu_kind"], "inat", "default", t["minutes"]))
+        mine = groups[(t["cpu_kind"], t["tool"], t["variant"], t["minutes"])]
+        if t["tool"] == "inat" and t["variant"] != "default" and base and len(base) > 1 and len(mine) > 1:
+            b, m = [r["test_accuracy"] for r in base], [r["test_accuracy"] for r in mine]
+            ci = stats.ttest_ind(m, b, equal_var=False).confidence_interval(CONFIDENCE)
+            t.update(diff=statistics.mean(m) - statistics.mean(b), diff_ci95=[float(ci.low), float(ci.high)],
+                     tie=bool(ci.low <= 0 <= ci.high))
     return table
 
 
@@ -131,9 +142,15 @@ def main() -> None:
     p.add_argument("--peer-minutes", type=float, default=10, help="0: no peer run")
     p.add_argument("--peer-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default=str(REPO / "experiments" / "bench" / "time_to_accuracy.json"))
+    p.add_argument("--summarise", action="store_true", help="only recompute the tables of --out from its runs")
     a = p.parse_args()
     out = Path(a.out)
     result = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+    if a.summarise:
+        result["table"] = summarise(result["runs"])
+        result["targets"] = targets(result["table"])
+        out.write_text(json.dumps(result, indent=1))
+        return
     done = {key(r) for r in result["runs"]}
     work = Path(tempfile.mkdtemp(prefix="inat_tta_"))
     # inat's decode cache is paid once per dataset and size, not per run: build it before any budget.
