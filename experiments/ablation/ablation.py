@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "experiments" / "ablation" / "result.json"))
     a = p.parse_args()
     VARIANTS, folder, size = SETS[a.set]
-    a.data = a.data or str(REPO.parent / "shared" / "datasets" / folder)
+    a.data = a.data or f"../shared/datasets/{folder}"  # relative to the repository, where run.py runs
     a.size = a.size if a.size is not None else size
     a.variants = a.variants or list(VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="inat_ablation_"))
