@@ -29,6 +29,8 @@ from pathlib import Path
 
 from scipy import stats
 
+from inat.report.provenance import cpu_model  # the report's reading of /proc/cpuinfo
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIDENCE = 0.95  # of the Welch interval of each variant's difference from the default
 PEER = REPO.parent / "shared" / "bench" / "peer_baseline.py"
@@ -40,11 +42,6 @@ VARIANTS = {
     # progressive resizing: 64 px for the first 40% of the budget, up to 96 px by 80%, then 96 px
     "progressive": ["train.resize_start=64", "train.resize_hold=0.4", "train.resize_full=0.8"],
 }
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
 
 
 def run(cmd: list[str], env: dict, log: Path) -> None:

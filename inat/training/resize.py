@@ -71,7 +71,7 @@ class ResizeSchedule:
 
 def schedule_from(train_cfg, native: int) -> "ResizeSchedule | None":
     """The run's schedule from ``train.resize_*``; None when ``train.resize_start`` is 0 (off)."""
-    start = int(train_cfg.resize_start)
+    start = train_cfg.resize_start  # the schema types the three keys (inat.config.TrainConfig)
     if start == 0 or start == native:
         return None
-    return ResizeSchedule(native, start, float(train_cfg.resize_hold), float(train_cfg.resize_full))
+    return ResizeSchedule(native, start, train_cfg.resize_hold, train_cfg.resize_full)
