@@ -60,9 +60,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="inat_bench_"))
     import torch
 
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    result: dict = {"data": a.data, "size": a.size, "host": platform.node(), "cpu": cpu,
+    from inat.report.provenance import cpu_model  # imports torch too: kept here with it so --help stays fast
+
+    result: dict = {"data": a.data, "size": a.size, "host": platform.node(), "cpu": cpu_model(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}

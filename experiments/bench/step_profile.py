@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from inat.config import ActConfig, FiltersConfig, ModelConfig
 from inat.models import create_model
+from inat.report.provenance import cpu_model
 
 
 def main() -> None:
@@ -41,9 +42,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             step()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    header = (f"# {cpu}, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+    header = (f"# {cpu_model()}, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
               f"{torch.get_num_threads()} threads; 5 steps, batch 64, 96 px, fp32, channels_last\n")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     with open(a.out, "w") as f:

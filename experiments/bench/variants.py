@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from inat.report.provenance import cpu_model
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
@@ -32,11 +33,6 @@ VARIANTS = {
     "batch_128": ["train.batch_size=128"],
     "compile": ["train.compile=true"],
 }
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
 
 
 def measure(overrides: list, data: str, size: int, seconds: float, warmup: float, tmp: Path) -> float:
@@ -77,7 +73,7 @@ def main() -> None:
             ips = measure(VARIANTS[n], a.data, a.size, a.seconds, warm, Path(tempfile.mkdtemp()))
             results[n].append(round(ips, 1))
             print(f"round {r + 1}  {n:<50} {ips:7.1f} img/s", flush=True)
-    out = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    out = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "size": a.size, "seconds": a.seconds,
            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "images_per_sec": results,
