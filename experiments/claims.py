@@ -7,7 +7,8 @@ The results table has four columns: ``| result | number | command | source |``. 
 *source* cell names, for each of them in order, ``experiments/<file>.json#<key path>``,
 separated by ``;`` (``#<key path>`` alone reuses the previous file). A key path is dotted
 keys, ``[i]`` list indices, ``[key]`` for a key with dots in it, or ``[key=value]`` selectors
-(``#versus_random.levels[val_accuracy=0.35].random_hits``). A number with a trailing ``%``
+(``#versus_random.levels[val_accuracy=0.35].random_hits``; ``[variant=default,minutes=10]`` when
+one key does not pick a single item). A number with a trailing ``%``
 is compared with 100 x a fraction (or with a value already above 1 as is); every number
 must equal its file's value at the precision it is written with. The check fails on a
 mismatch, a number without a source, a source without a number, or a missing file or key.
@@ -115,9 +116,10 @@ def lookup(data: Any, path: str) -> Any:
             if not isinstance(node, dict) or key not in node:
                 raise KeyError(f"no key '{key}'")
             node = node[key]
-        elif "=" in index:
-            field, want = index.split("=", 1)
-            match = [item for item in node if isinstance(item, dict) and _same(item.get(field), want)]
+        elif "=" in index:  # [key=value] or [key=value,key2=value2]: every condition holds
+            conditions = [part.split("=", 1) for part in index.split(",")]
+            match = [item for item in node if isinstance(item, dict)
+                     and all(_same(item.get(field.strip()), want.strip()) for field, want in conditions)]
             if len(match) != 1:
                 raise KeyError(f"[{index}] matches {len(match)} items, not 1")
             node = match[0]

@@ -124,3 +124,15 @@ def test_evidence_comments_do_not_break_table_headers():
         for i, line in enumerate(lines[:-1]):
             if re.fullmatch(r"\|[-| :]+\|", lines[i + 1].strip()):
                 assert line.rstrip().endswith("|"), f"{name}:{i + 1}: text after the header row's last '|'"
+
+
+def test_selector_with_several_conditions_picks_one_row():
+    claims = claims_module()
+    table = [{"variant": "default", "minutes": 1.0, "mean": 0.40}, {"variant": "default", "minutes": 10, "mean": 0.68},
+             {"variant": "progressive", "minutes": 10, "mean": 0.70}]
+    assert claims.lookup({"table": table}, "table[variant=default,minutes=10].mean") == 0.68
+    assert claims.lookup({"table": table}, "table[variant=progressive, minutes=10.0].mean") == 0.70
+    with pytest.raises(KeyError, match="matches 2 items"):
+        claims.lookup({"table": table}, "table[variant=default].mean")
+    with pytest.raises(KeyError, match="matches 0 items"):
+        claims.lookup({"table": table}, "table[variant=default,minutes=2.5].mean")
