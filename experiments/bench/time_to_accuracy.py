@@ -33,6 +33,7 @@ from inat.report.provenance import cpu_model  # the report's reading of /proc/cp
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIDENCE = 0.95  # of the Welch interval of each variant's difference from the default
+TARGET_10_MINUTES = 0.70  # test accuracy the 10-minute budget should reach
 PEER = REPO.parent / "shared" / "bench" / "peer_baseline.py"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
 
@@ -123,8 +124,8 @@ def targets(table: list[dict]) -> list[dict]:
             out.append({"cpu_kind": t["cpu_kind"], "variant": t["variant"], "target": "1-min >= peer 10-min",
                         "inat": t["mean"], "peer": peer10[t["cpu_kind"]], "met": t["mean"] >= peer10[t["cpu_kind"]]})
         if t["minutes"] == 10:
-            out.append({"cpu_kind": t["cpu_kind"], "variant": t["variant"], "target": "10-min >= 70%",
-                        "inat": t["mean"], "met": t["mean"] >= 0.70})
+            out.append({"cpu_kind": t["cpu_kind"], "variant": t["variant"], "target": f"10-min >= {TARGET_10_MINUTES:.0%}",
+                        "inat": t["mean"], "met": t["mean"] >= TARGET_10_MINUTES})
     return out
 
 
