@@ -117,7 +117,8 @@ def lookup(data: Any, path: str) -> Any:
                 raise KeyError(f"no key '{key}'")
             node = node[key]
         elif "=" in index:  # [key=value] or [key=value,key2=value2]: every condition holds
-            conditions = [part.split("=", 1) for part in index.split(",")]
+            # a comma starts a new condition only where a key= follows, so a value may hold commas
+            conditions = [part.split("=", 1) for part in re.split(r",(?=\s*[\w.]+=)", index)]
             match = [item for item in node if isinstance(item, dict)
                      and all(_same(item.get(field.strip()), want.strip()) for field, want in conditions)]
             if len(match) != 1:

@@ -136,3 +136,14 @@ def test_selector_with_several_conditions_picks_one_row():
         claims.lookup({"table": table}, "table[variant=default].mean")
     with pytest.raises(KeyError, match="matches 0 items"):
         claims.lookup({"table": table}, "table[variant=default,minutes=2.5].mean")
+
+
+def test_selector_value_may_hold_commas():
+    claims = claims_module()
+    table = [{"variant": "scratch CNN (96 px, 5 x 32), 20 epochs", "seed": 0, "mean": 0.79},
+             {"variant": "scratch CNN (96 px, 5 x 32), 20 epochs", "seed": 1, "mean": 0.78},
+             {"variant": "Lite0 partial (k=5)", "seed": 0, "mean": 0.93}]
+    assert claims.lookup({"t": table}, "t[variant=scratch CNN (96 px, 5 x 32), 20 epochs,seed=1].mean") == 0.78
+    assert claims.lookup({"t": table}, "t[variant=Lite0 partial (k=5)].mean") == 0.93
+    with pytest.raises(KeyError, match="matches 2 items"):
+        claims.lookup({"t": table}, "t[variant=scratch CNN (96 px, 5 x 32), 20 epochs].mean")
