@@ -14,6 +14,12 @@ variant is the reference of the intervals):
     python experiments/ablation/ablation.py --set finetune --epochs 2 --seeds 0 1 2 \
         --out experiments/finetune/seeds.json
 
+``--set precision`` trains the scratch CNN in bf16 and in fp32 (what ``train.precision=auto``
+chooses between) to see whether bf16's speed costs accuracy:
+
+    python experiments/ablation/ablation.py --set precision --size 96 --epochs 8 --seeds 0 1 2 \
+        --out experiments/ablation/precision_<cpu>.json
+
 Fixed epochs rather than a time budget make the accuracies immune to other jobs on the
 machine; the train seconds each run records are then not a speed comparison.
 """
@@ -58,8 +64,16 @@ FINETUNE = {
     "scratch CNN (96 px, 5 x 32), 20 epochs": ["data.image_size=96", "train.epochs=20"],
 }
 
+# What `train.precision=auto` trades: it picks bf16 where the CPU has native bf16 (and on a GPU) for
+# speed; this set asks whether the accuracy pays for it, at a fixed number of epochs.
+PRECISION = {
+    "bf16": ["train.precision=bf16"],
+    "fp32": ["train.precision=32"],
+}
+
 # set name -> (variants, default data folder, default data.image_size or None to leave the config's)
-SETS = {"recipe": (RECIPE, "imagewoof10", 64), "finetune": (FINETUNE, "flowers5", None)}
+SETS = {"recipe": (RECIPE, "imagewoof10", 64), "finetune": (FINETUNE, "flowers5", None),
+        "precision": (PRECISION, "imagewoof10", 64)}
 
 
 def command(data: str, size: int | None, seed: int, epochs: int, minutes: float, run_dir: Path,
