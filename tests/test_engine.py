@@ -15,6 +15,7 @@ import torch
 from conftest import FAST, REPO, make_dataset
 from inat import inference
 from inat.inference import Precision, choose_precision
+from inat.machine import cpu_features
 
 
 def compose(overrides):
@@ -99,6 +100,7 @@ def test_default_is_auto_and_recorded_in_summary(tmp_path):
     expected = choose_precision("auto", inference.pick_device())
     assert summary["precision"] == expected.name and summary["precision_reason"] == expected.reason
     assert summary["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert summary["environment"]["cpu_features"] == cpu_features()  # AMX or not: the capability does not say
 
 
 # --- the step: GradScaler, host syncs ---------------------------------------------------------

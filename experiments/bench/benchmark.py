@@ -60,10 +60,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="inat_bench_"))
     import torch
 
-    from inat.report.provenance import cpu_model  # imports torch too: kept here with it so --help stays fast
+    from inat.machine import cpu_features, cpu_model
 
     result: dict = {"data": a.data, "size": a.size, "host": platform.node(), "cpu": cpu_model(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_features": cpu_features(),
+                    "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     # Build inat's decode cache first: it is paid once per dataset and size, not per run.

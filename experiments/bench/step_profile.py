@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from inat.config import ActConfig, FiltersConfig, ModelConfig
 from inat.models import create_model
-from inat.report.provenance import cpu_model
+from inat.machine import cpu_features, cpu_model
 
 
 def main() -> None:
@@ -42,7 +42,8 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             step()
-    header = (f"# {cpu_model()}, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+    capability = f"{torch.backends.cpu.get_cpu_capability()} ({' '.join(cpu_features())})"
+    header = (f"# {cpu_model()}, torch {torch.__version__}, capability {capability}, "
               f"{torch.get_num_threads()} threads; 5 steps, batch 64, 96 px, fp32, channels_last\n")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     with open(a.out, "w") as f:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from inat.report.provenance import cpu_model  # the report's reading of /proc/cpuinfo
+from inat.machine import cpu_features, cpu_model
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIDENCE = 0.95  # of the Welch interval of each variant's difference from the default
@@ -73,7 +73,8 @@ def inat_run(a, kind: str, variant: str, minutes: float, seed: int, work: Path) 
             "test_accuracy": test["accuracy"], "macro_f1": test.get("macro_f1"), "test_n": test["n"],
             "epochs": summary["epochs"], "train_seconds": summary["train_seconds"],
             "images_per_sec": summary["train_images_per_sec"], "precision": summary.get("precision"),
-            "cpu": env.get("cpu"), "cpu_capability": env.get("cpu_capability"), "torch": env.get("torch"),
+            "cpu": env.get("cpu"), "cpu_capability": env.get("cpu_capability"),
+            "cpu_features": env.get("cpu_features", cpu_features()), "torch": env.get("torch"),
             "overrides": VARIANTS[variant], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -89,6 +90,7 @@ def peer_run(a, kind: str, minutes: float, seed: int, work: Path) -> dict:
             "test_accuracy": peer["test_accuracy"], "epochs": peer["epochs"], "train_seconds": peer["train_seconds"],
             "images_per_sec": peer["train_images_per_sec"], "precision": "32", "cpu": cpu_model(),
             "cpu_capability": "AVX2" if kind == "avx2" else torch.backends.cpu.get_cpu_capability(),
+            "cpu_features": cpu_features(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -108,7 +110,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                       "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "epochs_mean": statistics.mean(r["epochs"] for r in rs),
                       "images_per_sec_mean": statistics.mean(r["images_per_sec"] for r in rs),
-                      "cpu": rs[0]["cpu"], "cpu_capability": rs[0]["cpu_capability"], "precision": rs[0]["precision"]})
+                      "cpu": rs[0]["cpu"], "cpu_capability": rs[0]["cpu_capability"],
+                      "cpu_features": rs[0].get("cpu_features"), "precision": rs[0]["precision"]})
     for t in table:  # each inat variant against the default at the same budget: Welch 95% interval, ties named
         base = groups.get((t["cpu_kind"], "inat", "default", t["minutes"]))
         mine = groups[(t["cpu_kind"], t["tool"], t["variant"], t["minutes"])]

@@ -16,18 +16,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from inat.machine import cpu_model
 from inat.report.collect import Run
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def this_machine() -> Dict[str, str]:

@@ -20,20 +20,16 @@ import torch
 
 from inat.checkpoint import save_epoch_checkpoints
 from inat.errors import EXIT_RESUMABLE
+from inat.machine import cpu_features, cpu_model
 from inat.run_folder import CHECKPOINTS, METRICS, Summary, write_summary
 from inat.runs import write_metrics
 
 
 def environment(device: torch.device) -> Dict[str, Any]:
     """Versions and hardware behind a run's numbers (for the report's provenance block)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_features": cpu_features(), "threads": torch.get_num_threads(),
             "host": platform.node(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 

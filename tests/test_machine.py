@@ -1,0 +1,26 @@
+"""The CPU facts every figure records: model name and the flags that pick torch's kernels."""
+from __future__ import annotations
+
+from inat import machine
+
+AMX_XEON = """processor	: 0
+model name	: Intel(R) Xeon(R) Processor
+flags		: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+AVX2_EPYC = """processor	: 0
+model name	: AMD EPYC 7B13
+flags		: fpu sse2 avx avx2 fma
+"""
+
+
+def test_features_tell_an_amx_cpu_from_an_avx2_one(monkeypatch):
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: AMX_XEON)
+    assert machine.cpu_model() == "Intel(R) Xeon(R) Processor"
+    assert machine.cpu_features() == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: AVX2_EPYC)
+    assert machine.cpu_model() == "AMD EPYC 7B13" and machine.cpu_features() == ["avx2"]
+
+
+def test_without_cpuinfo_the_model_is_platforms_guess_and_no_flags(monkeypatch):
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: "")
+    assert machine.cpu_model() and machine.cpu_features() == []
