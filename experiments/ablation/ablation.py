@@ -17,7 +17,7 @@ variant is the reference of the intervals):
 ``--set precision`` trains the scratch CNN in bf16 and in fp32 (what ``train.precision=auto``
 chooses between) to see whether bf16's speed costs accuracy:
 
-    python experiments/ablation/ablation.py --set precision --size 96 --epochs 8 --seeds 0 1 2 \
+    python experiments/ablation/ablation.py --set precision --size 64 --epochs 4 --seeds 0 1 2 \
         --out experiments/ablation/precision_<cpu>.json
 
 Fixed epochs rather than a time budget make the accuracies immune to other jobs on the
