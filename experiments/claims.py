@@ -298,7 +298,9 @@ def verify(found: List[Claim]) -> List[str]:
 
 # A results-table row's machine label and the torch CPU capability its evidence must record.
 LABEL = re.compile(r"^\*\*\[(?P<label>[^\]]+)\]\*\*")
-LABEL_CAPABILITY = {"AVX2": "AVX2", "AVX2 emulated": "AVX2", "AVX512-BF16": "AVX512"}
+LABEL_CAPABILITY = {"AVX2": "AVX2", "AVX2 emulated": "AVX2", "AVX512-BF16": "AVX512", "Xeon AMX": "AVX512"}
+# A label whose capability torch does not tell apart needs a flag in the files' cpu_features too.
+LABEL_FEATURE = {"Xeon AMX": "amx_bf16"}
 
 
 def recorded(data: Any, key: str = "cpu_capability") -> set:
@@ -308,6 +310,21 @@ def recorded(data: Any, key: str = "cpu_capability") -> set:
     if isinstance(data, list):
         return {x for v in data for x in recorded(v, key)}
     return set()
+
+
+def feature_lists(file: str) -> List[list]:
+    """Every ``cpu_features`` list stored in a file (none: ``[[]]``, so a required flag is missing)."""
+    def walk(data: Any) -> List[list]:
+        if isinstance(data, dict):
+            own = [data["cpu_features"]] if isinstance(data.get("cpu_features"), list) else []
+            return own + [x for v in data.values() for x in walk(v)]
+        if isinstance(data, list):
+            return [x for v in data for x in walk(v)]
+        return []
+    try:
+        return walk(load(file)) or [[]]
+    except (OSError, ValueError):
+        return [[]]
 
 
 def label_problems(found: List[Claim]) -> List[str]:
@@ -340,6 +357,10 @@ def label_problems(found: List[Claim]) -> List[str]:
         if have != {want}:
             problems.append(f"'{row[:60]}': labelled [{label}], but its files ({', '.join(sorted(files))}) record "
                             f"cpu_capability {sorted(have) or 'nowhere'}, not only {want}")
+        feature = LABEL_FEATURE.get(label)
+        if feature and not all(feature in features for file in files for features in feature_lists(file)):
+            problems.append(f"'{row[:60]}': labelled [{label}], but not every one of its files "
+                            f"({', '.join(sorted(files))}) records {feature} in cpu_features")
     return problems
 
 

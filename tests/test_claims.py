@@ -147,3 +147,21 @@ def test_selector_value_may_hold_commas():
     assert claims.lookup({"t": table}, "t[variant=Lite0 partial (k=5)].mean") == 0.93
     with pytest.raises(KeyError, match="matches 2 items"):
         claims.lookup({"t": table}, "t[variant=scratch CNN (96 px, 5 x 32), 20 epochs].mean")
+
+
+def test_amx_label_needs_the_flag_in_every_file():
+    """[Xeon AMX] needs amx_bf16 in cpu_features: torch's capability (AVX512) does not tell that CPU apart."""
+    claims = claims_module()
+    table = ("| result | number | command | source |\n|---|---|---|---|\n"
+             "| **[Xeon AMX]** defaults, 1 minute | {n} | x | {src} |\n")
+    amx = "experiments/bench/time_to_accuracy_xeon_amx.json"
+    mean = json.loads((REPO / amx).read_text())
+    mean = next(t["mean"] for t in mean["table"] if t["variant"] == "default" and t["minutes"] == 1)
+    good = table.format(n=f"{mean:.1%}", src=f"{amx}#table[variant=default,minutes=1].mean")
+    assert claims.label_problems(claims.claims(good)) == []
+    epyc = "experiments/bench/time_to_accuracy_avx512.json"  # AVX512 too, but no AMX recorded
+    mean = json.loads((REPO / epyc).read_text())
+    mean = next(t["mean"] for t in mean["table"] if t["variant"] == "default" and t["minutes"] == 1)
+    bad = table.format(n=f"{mean:.1%}", src=f"{epyc}#table[variant=default,minutes=1].mean")
+    problems = claims.label_problems(claims.claims(bad))
+    assert len(problems) == 1 and "amx_bf16" in problems[0]
