@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def test_report_answers_in_the_assignment_order(inputs, budget_sweep, tmp_path):
     assert text[order[7]:order[8]].count("sweep woof (1 trial)") == 2
 
 
-def test_provenance_reads_the_runs_own_environment(budget_sweep):
+def test_provenance_reads_the_runs_own_environment(budget_sweep, tmp_path):
     """fit records summary['environment']; provenance used to look for 'env'/'versions' and print the report machine's."""
     from inat.report.collect import load_run
     from inat.report.provenance import run_provenance
@@ -227,6 +228,12 @@ def test_provenance_reads_the_runs_own_environment(budget_sweep):
     assert env["cpu"] == "Test EPYC (16 logical CPUs)"
     unrecorded = run_provenance(load_run(budget_sweep / "0", sweep="woof"), machine)["env"]
     assert unrecorded["torch"] == "0.0-report (report machine)"
+    amx = shutil.copytree(budget_sweep / "1", tmp_path / "1")  # the fixture is shared: change a copy
+    record = json.loads((amx / "summary.json").read_text())
+    record["environment"].update(cpu_capability="AVX512", cpu_features=["avx2", "avx512f", "amx_bf16"])
+    (amx / "summary.json").write_text(json.dumps(record))
+    env = run_provenance(load_run(amx, sweep="woof"), machine)["env"]
+    assert env["cpu"] == "Test EPYC (16 logical CPUs), torch kernels AVX512 (avx2 avx512f amx_bf16)"
 
 
 @pytest.mark.parametrize("counts,config,expected", [

@@ -42,6 +42,9 @@ def recorded_environment(run: Run) -> Dict[str, str]:
             env[key] = str(recorded[key])
     if "cpu" in env and recorded.get("cpu_count"):
         env["cpu"] = f"{env['cpu']} ({recorded['cpu_count']} logical CPUs)"
+    if "cpu" in env and recorded.get("cpu_capability"):  # AVX512 with or without AMX: the flags tell
+        flags = " ".join(recorded.get("cpu_features") or [])
+        env["cpu"] += f", torch kernels {recorded['cpu_capability']}" + (f" ({flags})" if flags else "")
     if recorded and "gpu" not in env:  # the run recorded its machine, and it had no GPU in use
         env["gpu"] = "none"
     files = _wandb_files(run)
