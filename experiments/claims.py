@@ -303,28 +303,18 @@ LABEL_CAPABILITY = {"AVX2": "AVX2", "AVX2 emulated": "AVX2", "AVX512-BF16": "AVX
 LABEL_FEATURE = {"Xeon AMX": "amx_bf16"}
 
 
-def recorded(data: Any, key: str = "cpu_capability") -> set:
+def values(data: Any, key: str) -> list:
     """Every value stored under ``key`` anywhere in ``data``."""
     if isinstance(data, dict):
-        return {str(v) for k, v in data.items() if k == key} | {x for v in data.values() for x in recorded(v, key)}
+        return [v for k, v in data.items() if k == key] + [x for v in data.values() for x in values(v, key)]
     if isinstance(data, list):
-        return {x for v in data for x in recorded(v, key)}
-    return set()
+        return [x for v in data for x in values(v, key)]
+    return []
 
 
-def feature_lists(file: str) -> List[list]:
-    """Every ``cpu_features`` list stored in a file (none: ``[[]]``, so a required flag is missing)."""
-    def walk(data: Any) -> List[list]:
-        if isinstance(data, dict):
-            own = [data["cpu_features"]] if isinstance(data.get("cpu_features"), list) else []
-            return own + [x for v in data.values() for x in walk(v)]
-        if isinstance(data, list):
-            return [x for v in data for x in walk(v)]
-        return []
-    try:
-        return walk(load(file)) or [[]]
-    except (OSError, ValueError):
-        return [[]]
+def recorded(data: Any, key: str = "cpu_capability") -> set:
+    """Every value stored under ``key`` anywhere in ``data``, as text."""
+    return {str(v) for v in values(data, key)}
 
 
 def label_problems(found: List[Claim]) -> List[str]:
@@ -345,20 +335,24 @@ def label_problems(found: List[Claim]) -> List[str]:
         if want is None:
             problems.append(f"'{row[:60]}': unknown machine label [{label}] (known: {', '.join(LABEL_CAPABILITY)})")
             continue
-        have = set()
+        have, feature_lists = set(), []
         for file in set(files):
             if file.endswith("/test.json"):  # a run's test record: its machine is in the run's summary.json
                 files = files | {file.removesuffix("test.json") + "summary.json"}
         for file in files:
             try:
-                have |= recorded(load(file))
+                data = load(file)
             except (OSError, ValueError):
+                feature_lists.append([])  # an unreadable file records no flag
                 continue
+            have |= recorded(data)
+            # a file without cpu_features counts as one empty list, so a required flag is missing there
+            feature_lists += [f for f in values(data, "cpu_features") if isinstance(f, list)] or [[]]
         if have != {want}:
             problems.append(f"'{row[:60]}': labelled [{label}], but its files ({', '.join(sorted(files))}) record "
                             f"cpu_capability {sorted(have) or 'nowhere'}, not only {want}")
         feature = LABEL_FEATURE.get(label)
-        if feature and not all(feature in features for file in files for features in feature_lists(file)):
+        if feature and not all(feature in features for features in feature_lists):
             problems.append(f"'{row[:60]}': labelled [{label}], but not every one of its files "
                             f"({', '.join(sorted(files))}) records {feature} in cpu_features")
     return problems

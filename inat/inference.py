@@ -28,6 +28,7 @@ from tqdm import tqdm
 from inat.choices import PRECISION_ALIASES, PRECISIONS
 from inat.data.images import decode_image, fit_image
 from inat.errors import InatError
+from inat.machine import cpu_features
 
 VALID_PRECISIONS, _ALIASES = PRECISIONS, PRECISION_ALIASES
 
@@ -64,12 +65,8 @@ def cpu_has_native_bf16() -> bool:
     cpu = torch.cpu  # torch >= 2.3 exposes cpuinfo's answers here
     if hasattr(cpu, "_is_avx512_bf16_supported"):
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-    try:  # older torch: read the kernel's flags
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
+    features = cpu_features()  # older torch: the kernel's flags
+    return "avx512_bf16" in features or "amx_bf16" in features
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:

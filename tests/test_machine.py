@@ -24,3 +24,17 @@ def test_features_tell_an_amx_cpu_from_an_avx2_one(monkeypatch):
 def test_without_cpuinfo_the_model_is_platforms_guess_and_no_flags(monkeypatch):
     monkeypatch.setattr(machine, "_cpuinfo", lambda: "")
     assert machine.cpu_model() and machine.cpu_features() == []
+
+
+def test_older_torch_reads_native_bf16_from_the_flags(monkeypatch):
+    """Without torch.cpu's cpuinfo answers (torch < 2.3), cpu_has_native_bf16 reads the same flags."""
+    import torch
+
+    from inat import inference
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: AMX_XEON)
+    assert inference.cpu_has_native_bf16() is True
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: AVX2_EPYC)
+    assert inference.cpu_has_native_bf16() is False

@@ -156,7 +156,8 @@ def main() -> None:
                          "train_seconds": summary.get("train_seconds"), "macro_f1": test.get("macro_f1"),
                          "cpu_capability": summary["environment"].get("cpu_capability"),
                          "overrides": VARIANTS[name]})
-            machine = {k: summary["environment"].get(k) for k in ("cpu", "cpu_count", "cpu_capability", "cpu_features", "torch")}
+            machine = {k: summary["environment"].get(k)
+                       for k in ("cpu", "cpu_count", "cpu_capability", "cpu_features", "torch")}
             print(f"  {name} seed {seed}: test {test['accuracy']:.1%}, {summary['epochs']} epochs", flush=True)
             write(a, rows, machine)
     table = write(a, rows, machine)

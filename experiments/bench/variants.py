@@ -73,8 +73,9 @@ def main() -> None:
             ips = measure(VARIANTS[n], a.data, a.size, a.seconds, warm, Path(tempfile.mkdtemp()))
             results[n].append(round(ips, 1))
             print(f"round {r + 1}  {n:<50} {ips:7.1f} img/s", flush=True)
-    out = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_features": cpu_features(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "size": a.size, "seconds": a.seconds,
+    out = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_features": cpu_features(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "size": a.size, "seconds": a.seconds,
            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "images_per_sec": results,
            "median": {n: round(statistics.median(v), 1) for n, v in results.items()},
