@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence
 
 # The flags that decide which of torch's and oneDNN's CPU kernels run, in order of arrival.
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -37,3 +37,15 @@ def cpu_features() -> List[str]:
             flags = set(line.split(":", 1)[1].split())
             return [f for f in KERNEL_FLAGS if f in flags]
     return []
+
+
+def describe_cpu(model: str, count: Optional[int] = None, capability: Optional[str] = None,
+                 features: Sequence[str] = ()) -> str:
+    """One line for a provenance cell, e.g. ``Intel Xeon (2 logical CPUs), torch kernels AVX512 (avx2 ... amx_bf16)``.
+
+    The capability alone reads alike on an AMX Xeon and an AVX512-BF16 EPYC; the flags tell them apart.
+    """
+    text = model + (f" ({count} logical CPUs)" if count else "")
+    if capability:
+        text += f", torch kernels {capability}" + (f" ({' '.join(features)})" if features else "")
+    return text

@@ -38,3 +38,18 @@ def test_older_torch_reads_native_bf16_from_the_flags(monkeypatch):
     assert inference.cpu_has_native_bf16() is True
     monkeypatch.setattr(machine, "_cpuinfo", lambda: AVX2_EPYC)
     assert inference.cpu_has_native_bf16() is False
+
+
+def test_the_report_machine_fallback_names_its_kernels_as_a_run_does(monkeypatch):
+    """The report machine's own CPU cell used to show only the model, unlike a run's recorded one."""
+    import torch
+
+    from inat.report.provenance import this_machine
+
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: AMX_XEON)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpu = this_machine()["cpu"]
+    assert cpu.startswith("Intel(R) Xeon(R) Processor (") and cpu.endswith(
+        "logical CPUs), torch kernels AVX512 (avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8)")
+    assert machine.describe_cpu("AMD EPYC 7B13") == "AMD EPYC 7B13"
+    assert machine.describe_cpu("AMD EPYC 7B13", 2, "AVX2") == "AMD EPYC 7B13 (2 logical CPUs), torch kernels AVX2"

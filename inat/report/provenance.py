@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from inat.machine import cpu_model
+from inat.machine import cpu_features, cpu_model, describe_cpu
 from inat.report.collect import Run
 
 
@@ -24,7 +24,8 @@ def this_machine() -> Dict[str, str]:
     """Versions and hardware of the machine running the report."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)", "gpu": gpu, "os": platform.platform()}
+            "cpu": describe_cpu(cpu_model(), os.cpu_count(), torch.backends.cpu.get_cpu_capability(), cpu_features()),
+            "gpu": gpu, "os": platform.platform()}
 
 
 def _wandb_files(run: Run) -> Optional[Path]:
@@ -40,11 +41,9 @@ def recorded_environment(run: Run) -> Dict[str, str]:
     for key in ("python", "torch", "cpu", "gpu"):
         if recorded.get(key):
             env[key] = str(recorded[key])
-    if "cpu" in env and recorded.get("cpu_count"):
-        env["cpu"] = f"{env['cpu']} ({recorded['cpu_count']} logical CPUs)"
-    if "cpu" in env and recorded.get("cpu_capability"):  # AVX512 with or without AMX: the flags tell
-        flags = " ".join(recorded.get("cpu_features") or [])
-        env["cpu"] += f", torch kernels {recorded['cpu_capability']}" + (f" ({flags})" if flags else "")
+    if "cpu" in env:
+        env["cpu"] = describe_cpu(env["cpu"], recorded.get("cpu_count"), recorded.get("cpu_capability"),
+                                  recorded.get("cpu_features") or [])
     if recorded and "gpu" not in env:  # the run recorded its machine, and it had no GPU in use
         env["gpu"] = "none"
     files = _wandb_files(run)
