@@ -46,6 +46,8 @@ VARIANTS = {
     # the same with the epoch cap lifted, so the time budget alone ends the run and sizes its schedule
     # (on a fast CPU the capped run stops at train.epochs before a 10-minute budget is spent)
     "progressive_uncapped": [*PROGRESSIVE, "train.epochs=100"],
+    # a smaller first side, for the slowest CPUs: a 48-px step costs about a quarter of a 96-px one
+    "progressive_48": ["train.resize_start=48", *PROGRESSIVE[1:]],
 }
 EPOCH_CAP = "train.epochs=40"  # every variant's cap unless it sets train.epochs itself
 
