@@ -298,9 +298,11 @@ def verify(found: List[Claim]) -> List[str]:
 
 # A results-table row's machine label and the torch CPU capability its evidence must record.
 LABEL = re.compile(r"^\*\*\[(?P<label>[^\]]+)\]\*\*")
-LABEL_CAPABILITY = {"AVX2": "AVX2", "AVX2 emulated": "AVX2", "AVX512-BF16": "AVX512", "Xeon AMX": "AVX512"}
-# A label whose capability torch does not tell apart needs a flag in the files' cpu_features too.
-LABEL_FEATURE = {"Xeon AMX": "amx_bf16"}
+LABEL_CAPABILITY = {"AVX2": "AVX2", "AVX2 emulated": "AVX2", "AVX512-BF16": "AVX512", "Xeon AMX": "AVX512",
+                    "Xeon AVX2 emulated": "AVX2"}
+# A label whose capability torch does not tell apart needs a flag in the files' cpu_features too
+# (the flags are the CPU's, so a Xeon restricted to AVX2 kernels still lists amx_bf16).
+LABEL_FEATURE = {"Xeon AMX": "amx_bf16", "Xeon AVX2 emulated": "amx_bf16"}
 
 
 def values(data: Any, key: str) -> list:

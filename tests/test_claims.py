@@ -165,3 +165,17 @@ def test_amx_label_needs_the_flag_in_every_file():
     bad = table.format(n=f"{mean:.1%}", src=f"{epyc}#table[variant=default,minutes=1].mean")
     problems = claims.label_problems(claims.claims(bad))
     assert len(problems) == 1 and "amx_bf16" in problems[0]
+
+
+def test_an_emulated_avx2_row_names_which_machine_was_restricted():
+    """[Xeon AVX2 emulated] and [AVX2 emulated] both record capability AVX2; only the Xeon's files list amx_bf16."""
+    claims = claims_module()
+    table = ("| result | number | command | source |\n|---|---|---|---|\n"
+             "| **[Xeon AVX2 emulated]** defaults, 1 minute | {n} | x | {src} |\n")
+    for file, problems in (("experiments/bench/time_to_accuracy_xeon_avx2emu.json", 0),
+                           ("experiments/bench/time_to_accuracy_avx2emu.json", 1)):  # the EPYC, restricted
+        data = json.loads((REPO / file).read_text())
+        mean = next(t["mean"] for t in data["table"] if t["variant"] == "default" and t["minutes"] == 1)
+        row = table.format(n=f"{mean:.1%}", src=f"{file}#table[variant=default,minutes=1].mean")
+        found = claims.label_problems(claims.claims(row))
+        assert len(found) == problems and all("amx_bf16" in p for p in found)
