@@ -145,8 +145,9 @@ class TrainConfig:
     class_weights: str = "none"  # none | auto
     balanced_sampler: bool = False
     # Progressive resizing (inat.training.resize): train at resize_start px until resize_hold of the
-    # progress, grow to the input size by resize_full, then the input size. 0 = the input size throughout.
-    resize_start: int = 0
+    # progress, grow to the input size by resize_full, then the input size. 0 = the input size throughout;
+    # auto = 64 px for the scratch CNN on the CPU under a time budget, else off. Any: int or "auto".
+    resize_start: Any = "auto"
     resize_hold: float = 0.4
     resize_full: float = 0.8
 
@@ -429,6 +430,9 @@ def config_errors(cfg: Any) -> List[str]:
     resume = _select(cfg, "resume")
     if resume is not None and resume not in (True, False, "auto"):
         errors.append(f"resume must be true, false or auto, got '{resume}'.")
+    side = _select(cfg, "train.resize_start")
+    if side is not None and side != "auto" and (isinstance(side, bool) or not isinstance(side, int)):
+        errors.append(f"train.resize_start must be auto or a whole number of pixels (0 = off), got '{side}'.")
     sha = _select(cfg, "data.sha256")
     if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha)):
         errors.append(f"data.sha256 must be 64 hexadecimal characters (the output of sha256sum), got '{sha}'.")

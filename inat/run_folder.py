@@ -106,6 +106,8 @@ class Summary:
     precision: Optional[str] = None
     precision_reason: Optional[str] = None
     input: Optional[str] = None  # the JSON key fit writes: which input path fed training (images, cache, ...)
+    resize: Optional[str] = None  # progressive resizing: '64->96px' or 'off' (train.resize_start)
+    resize_reason: Optional[str] = None
     # the training split's balance (data/balance.imbalance): images per class, max/min, over the threshold
     class_counts: Optional[List[int]] = None
     imbalance_ratio: Optional[float] = None
@@ -130,7 +132,8 @@ class Summary:
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, ``extra`` merged in; unset optional keys of newer writers are left out."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for key in ("steps", "precision", "precision_reason", "input", "first_epoch_images_per_sec",
+        for key in ("steps", "precision", "precision_reason", "input", "resize", "resize_reason",
+                    "first_epoch_images_per_sec",
                     "steady_images_per_sec", "class_counts", "imbalance_ratio", "imbalanced", "temperature_note",
                     "rejection"):
             if out[key] is None:

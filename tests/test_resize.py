@@ -90,3 +90,53 @@ def test_resize_start_above_the_input_size_is_one_sentence(tmp_path):
                  f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2
     assert "must be between 32 and the input size 32 px" in r.stderr + r.stdout
+
+
+def _train(start="auto", minutes=1.0):
+    from types import SimpleNamespace
+    return SimpleNamespace(resize_start=start, resize_hold=0.4, resize_full=0.8, max_minutes=minutes)
+
+
+def test_auto_resizes_the_scratch_cnn_on_the_cpu_under_a_time_budget():
+    c = resize_mod.choose(_train(), 96, device_type="cpu", scratch=True, cached=False)
+    assert c.schedule is not None and (c.schedule.start, c.schedule.native) == (resize_mod.AUTO_START, 96)
+    assert c.name == "64->96px" and "train.resize_start=0 turns it off" in c.reason
+
+
+@pytest.mark.parametrize("train,native,device,scratch,cached,why", [
+    (_train(minutes=0), 96, "cpu", True, False, "no time budget"),
+    (_train(), 96, "cuda", True, False, "on cuda"),
+    (_train(), 96, "cpu", False, False, "pretrained backbone"),
+    (_train(), 96, "cpu", False, True, "cached backbone outputs"),
+    (_train(), 64, "cpu", True, False, "not above 64 px"),
+])
+def test_auto_stays_off_where_it_was_not_measured_to_pay(train, native, device, scratch, cached, why):
+    c = resize_mod.choose(train, native, device_type=device, scratch=scratch, cached=cached)
+    assert c.schedule is None and c.name == "off" and why in c.reason, c.reason
+
+
+def test_an_explicit_side_applies_on_any_device_and_zero_is_off():
+    on = resize_mod.choose(_train(48, minutes=0), 96, device_type="cuda", scratch=False, cached=False)
+    assert on.name == "48->96px"
+    assert resize_mod.choose(_train(0), 96, device_type="cpu", scratch=True, cached=False).name == "off"
+
+
+def test_a_run_under_a_budget_records_its_resizing_in_the_summary(tmp_path):
+    import json
+    data = make_dataset(tmp_path / "data", n_train=6, size=80)
+    overrides = [o for o in FAST if not o.startswith(("data.image_size", "train.max_minutes"))]
+    r = run_cli([f"data.root={data}", *overrides, "data.image_size=80", "train.max_minutes=5", "train.epochs=1",
+                 "train.then_test=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resize"] == "64->80px" and "train.resize_start=auto" in summary["resize_reason"]
+    assert "progressive resizing: train.resize_start=auto" in r.stdout + r.stderr
+
+
+def test_a_resize_start_that_is_not_a_side_is_one_sentence(tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=6)
+    r = run_cli([f"data.root={data}", *FAST, "train.resize_start=big", "train.epochs=1",
+                 f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2
+    assert "train.resize_start must be auto or a whole number of pixels (0 = off), got 'big'." in r.stderr + r.stdout
+    assert not (tmp_path / "run").exists() or not (tmp_path / "run" / "summary.json").exists()

@@ -18,7 +18,8 @@ def full_summary() -> Summary:
                    trainable_params=1000, model="scratch", classes=["a", "b"], n_train=80, n_val=20, device="cpu",
                    world_size=1, environment={"python": "3.12.1", "torch": "2.14.1+cu130", "cpu": "Test CPU"},
                    config={"model": {"name": "scratch"}, "train": {"epochs": 3, "max_minutes": 0}},
-                   precision="bf16", precision_reason="supported", input="cache", class_counts=[40, 40],
+                   precision="bf16", precision_reason="supported", input="cache", resize="64->96px",
+                   resize_reason="train.resize_start=auto: ...", class_counts=[40, 40],
                    imbalance_ratio=1.0, imbalanced=False, temperature=1.3, temperature_note="T = 1.3 fitted",
                    reject_threshold=0.8, rejection={"target_precision": 0.95, "threshold": 0.8, "val_coverage": 0.7,
                                                     "val_precision": 0.96, "n_val": 20, "note": "chosen"})

@@ -11,6 +11,11 @@ benchmark keeps what it measured and a rerun does only what is missing.
 fp32 as on a real AVX2 CPU; such rows are labelled emulated. Nothing else may run on the machine
 meanwhile: the budgets are wall-clock training seconds.
 
+Since ``train.resize_start=auto`` became the default, ``default`` trains with progressive
+resizing from 64 px on the CPU (each row records the ``resize`` its summary reports) and
+``fixed`` is the old fixed-size default; in files written before that change (their rows have
+no ``resize``), ``default`` means fixed size and ``progressive`` is what ``default`` is now.
+
     python experiments/bench/time_to_accuracy.py --budgets 1 2.5 10 --seeds 0 1 2 \\
         --variants default progressive --peer-minutes 10 --out experiments/bench/time_to_accuracy.json
 """
@@ -41,7 +46,8 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
 # progressive resizing: 64 px for the first 40% of the budget, up to 96 px by 80%, then 96 px
 PROGRESSIVE = ["train.resize_start=64", "train.resize_hold=0.4", "train.resize_full=0.8"]
 VARIANTS = {
-    "default": [],
+    "default": [],  # train.resize_start=auto: the same as progressive on the CPU under a budget
+    "fixed": ["train.resize_start=0"],  # the defaults before auto: 96 px throughout
     "progressive": PROGRESSIVE,
     # the same with the epoch cap lifted, so the time budget alone ends the run and sizes its schedule
     # (on a fast CPU the capped run stops at train.epochs before a 10-minute budget is spent)
@@ -75,6 +81,7 @@ def inat_run(a, kind: str, variant: str, minutes: float, seed: int, work: Path) 
             "test_accuracy": test["accuracy"], "macro_f1": test.get("macro_f1"), "test_n": test["n"],
             "epochs": summary["epochs"], "train_seconds": summary["train_seconds"],
             "images_per_sec": summary["train_images_per_sec"], "precision": summary.get("precision"),
+            "resize": summary.get("resize"),
             "cpu": env.get("cpu"), "cpu_capability": env.get("cpu_capability"),
             "cpu_features": env.get("cpu_features"), "torch": env.get("torch"),
             "overrides": VARIANTS[variant], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -113,7 +120,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                       "epochs_mean": statistics.mean(r["epochs"] for r in rs),
                       "images_per_sec_mean": statistics.mean(r["images_per_sec"] for r in rs),
                       "cpu": rs[0]["cpu"], "cpu_capability": rs[0]["cpu_capability"],
-                      "cpu_features": rs[0].get("cpu_features"), "precision": rs[0]["precision"]})
+                      "cpu_features": rs[0].get("cpu_features"), "precision": rs[0]["precision"],
+                      "resize": rs[0].get("resize")})
     for t in table:  # each inat variant against the default at the same budget: Welch 95% interval, ties named
         base = groups.get((t["cpu_kind"], "inat", "default", t["minutes"]))
         mine = groups[(t["cpu_kind"], t["tool"], t["variant"], t["minutes"])]

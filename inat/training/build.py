@@ -35,7 +35,7 @@ from inat.training.collectives import sum_over_ranks
 from inat.training.data import SEED_INIT, TrainData, load_data, resolve_root
 from inat.training.ema import ModelEMA
 from inat.training.optim import check_schedule, make_optimizer
-from inat.training.resize import ResizeSchedule, schedule_from
+from inat.training.resize import ResizeChoice, ResizeSchedule, choose as choose_resize
 from inat.training.sources import FeatureSource, ImageSource, PrefixViewSource
 from inat.training.writer import RunWriter
 
@@ -90,6 +90,7 @@ class Setup:
     writer: RunWriter
     ema: Optional[ModelEMA] = None
     resize: Optional[ResizeSchedule] = None  # progressive resizing; None: the input size throughout
+    resize_reason: str = ""  # why resize is what it is (train.resize_start, auto's choice)
     cache_seconds: float = 0.0
     state: Dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "step": 0, "train_seconds": 0.0,
                                                            "best_val_accuracy": -1.0, "best_epoch": 0,
@@ -105,7 +106,7 @@ class Trainable:
     data: TrainData
     optimizer: torch.optim.Optimizer
     channels_last: bool
-    resize: Optional[ResizeSchedule]  # progressive resizing (train.resize_start); None: off
+    resize: ResizeChoice  # progressive resizing (train.resize_start): its schedule (None: off) and why
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
@@ -170,13 +171,11 @@ def build_trainable(cfg: DictConfig, device: torch.device, *, progress: bool) ->
     folder = scan_train_set(cfg.data, root)
     torch.manual_seed(cfg.seed * 1000 + SEED_INIT)
     model = build_from_config(cfg, len(folder.classes))
-    resize = schedule_from(cfg.train, model.spec.input_size)  # checked before any image is decoded
     ft = cfg.finetune
-    if resize is not None and ((ft.strategy == "linear_probe" and ft.cached_features) or
-                               (ft.strategy == "partial" and ft.cache_views > 0)):
-        raise InatError(f"train.resize_start={resize.start} resizes the training images, but this run trains on "
-                        f"cached backbone outputs: set train.resize_start=0, or finetune.cached_features=false / "
-                        f"finetune.cache_views=0 to train on images.")
+    resize = choose_resize(cfg.train, model.spec.input_size, device_type=device.type,  # before any image is decoded
+                           scratch=cfg.model.name == "scratch",
+                           cached=((ft.strategy == "linear_probe" and ft.cached_features) or
+                                   (ft.strategy == "partial" and ft.cache_views > 0)))
     if cfg.finetune.strategy != "none":
         setup_finetune(model, cfg.finetune)
     data = load_data(cfg.data, model.spec, root, folder, progress=progress)
@@ -220,7 +219,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Setup:
     writer = RunWriter(run_dir, cfg.wandb, config, is_main, wandb_id=saved.get("wandb_id") if saved else None)
     s = Setup(recipe=Recipe.from_config(cfg), device=device, precision=precision, model=t.model, data=data,
               source=None, optimizer=t.optimizer, scaler=precision.grad_scaler(), wrapper=None, writer=writer, ema=ema,
-              resize=t.resize)
+              resize=t.resize.schedule, resize_reason=t.resize.reason)
     if saved is not None:
         resume.restore(s, run_dir, saved, cfg.resume)
     t_cache = time.perf_counter()
@@ -238,6 +237,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Setup:
                  f"classes, {len(data.train_idx)} train / {len(data.val_idx)} val images at {spec.input_size}px "
                  f"on {device}, input: {s.source.kind}")
     s.writer.say(f"data: {describe_roles(cfg.data, data.root)}")
+    s.writer.say(f"progressive resizing: {s.resize_reason}")
     return s
 
 

@@ -26,6 +26,7 @@ from inat.runs import world
 from inat.training import distributed
 from inat.training.build import Setup
 from inat.training.preemption import StopSignals
+from inat.training.resize import ResizeChoice
 from inat.training.writer import environment, rng_state
 
 # The epoch-end decision that a stop signal ends the run here (never a summary's stop_reason).
@@ -131,6 +132,7 @@ def run_summary(s: Setup, stop_reason: str, wall: float, calibration: Optional[D
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), model=model.spec.name,
         classes=data.classes, n_train=int(len(data.train_idx)), n_val=int(len(data.val_idx)), device=str(s.device),
         world_size=world_size, precision=s.precision.name, precision_reason=s.precision.reason, input=s.source.kind,
+        resize=ResizeChoice(s.resize, s.resize_reason).name, resize_reason=s.resize_reason,
         environment=environment(s.device), config=s.writer.config,
         **imbalance(data.labels[data.train_idx], len(data.classes)),
         **(calibration or {**temperature_record(None), **threshold_record(None)}))

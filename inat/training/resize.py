@@ -15,6 +15,15 @@ a run sees a few shapes (cuDNN autotunes and ``torch.compile`` specialises per s
 accept any side: the scratch CNN adapts its last map to the native one before the dense layer
 (``ScratchCNN.forward``), the pretrained backbones pool globally.
 
+``train.resize_start=auto`` (the default) turns it on where it was measured to pay: the scratch
+CNN trained on images, on the CPU, under a time budget (``train.max_minutes`` > 0), starting at
+:data:`AUTO_START` px. There the images a minute holds decide the accuracy, and at 1 minute it
+gained 1.9 to 5.3 points on three CPU kinds, and 1.0 to 3.0 at 10 minutes, never a loss
+(``experiments/bench/time_to_accuracy_*.json``). It stays off on a GPU (the step at the input
+size is not what limits such a run, and nothing was measured there), for pretrained backbones
+(their features are tuned at their own size) and without a time budget (the epochs decide).
+An explicit side (or 0, off) applies wherever it is set.
+
 Why hand-written: timm and torchvision have no schedule of training sizes; Composer's
 ``ProgressiveResizing`` is the same idea (initial scale, delay, fine-tune fraction) but is a
 callback of its own trainer.
@@ -69,9 +78,50 @@ class ResizeSchedule:
         return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def schedule_from(train_cfg, native: int) -> "ResizeSchedule | None":
-    """The run's schedule from ``train.resize_*``; None when ``train.resize_start`` is 0 (off)."""
-    start = train_cfg.resize_start  # the schema types the three keys (inat.config.TrainConfig)
-    if start == 0 or start == native:
-        return None
-    return ResizeSchedule(native, start, train_cfg.resize_hold, train_cfg.resize_full)
+AUTO = "auto"
+AUTO_START = 64  # train.resize_start=auto's first side: a 64-px step costs 0.44 of a 96-px one
+
+
+@dataclass(frozen=True)
+class ResizeChoice:
+    """The run's progressive resizing, or None, and the sentence that says why (logged and in ``summary.json``)."""
+
+    schedule: "ResizeSchedule | None"
+    reason: str
+
+    @property
+    def name(self) -> str:
+        s = self.schedule
+        return "off" if s is None else f"{s.start}->{s.native}px"
+
+
+def choose(train_cfg, native: int, *, device_type: str, scratch: bool, cached: bool) -> ResizeChoice:
+    """The schedule ``train.resize_*`` asks for on this run (see the module's docstring for auto).
+
+    ``scratch``: the model is the scratch CNN; ``cached``: the run trains on cached backbone
+    outputs, which have no image to resize (an explicit side is refused there, before any image
+    is decoded).
+    """
+    start = train_cfg.resize_start  # auto | 0 | a side in px (inat.config.config_errors checks which)
+    hold, full = train_cfg.resize_hold, train_cfg.resize_full
+    if start != AUTO:
+        if start == 0 or start == native:
+            return ResizeChoice(None, f"off (train.resize_start={start})")
+        if cached:
+            raise InatError(f"train.resize_start={start} resizes the training images, but this run trains on "
+                            f"cached backbone outputs: set train.resize_start=0, or finetune.cached_features=false / "
+                            f"finetune.cache_views=0 to train on images.")
+        return ResizeChoice(ResizeSchedule(native, start, hold, full),
+                            f"train.resize_start={start}: {start} px growing to {native} px by {full:.0%} of the run")
+    off = ("this run trains on cached backbone outputs" if cached
+           else "a pretrained backbone keeps its input size" if not scratch
+           else f"on {device_type} the step at the input size is not what limits a run" if device_type != "cpu"
+           else "no time budget (train.max_minutes=0): the epochs decide" if train_cfg.max_minutes == 0
+           else f"the input size {native} px is not above {AUTO_START} px" if native <= AUTO_START
+           else None)
+    if off is not None:
+        return ResizeChoice(None, f"off (train.resize_start=auto: {off})")
+    return ResizeChoice(ResizeSchedule(native, AUTO_START, hold, full),
+                        f"train.resize_start=auto: {AUTO_START} px growing to {native} px by {full:.0%} of the "
+                        f"{train_cfg.max_minutes:g}-minute budget (the scratch CNN on the CPU under a time budget; "
+                        f"train.resize_start=0 turns it off)")
